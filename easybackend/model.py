@@ -1,0 +1,302 @@
+"""
+Values shared by the core, the store, the upstream clients and the
+transports.  All are frozen C{attrs} classes: plain data, no behaviour that
+needs the reactor.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Mapping, Protocol, Sequence
+
+from attrs import asdict, field, frozen
+from twisted.internet.defer import Deferred
+
+from easybackend.errors import BadRequest
+
+#: Conversation ids the server accepts: no path separators, no surprises.
+CONVERSATION_ID = re.compile(r"\A[A-Za-z0-9._:-]{1,128}\Z")
+#: The conversation id that asks the server to make a fresh one.
+NEW = "new"
+
+
+def check_conversation_id(conversation_id: object) -> str:
+    """
+    Return C{conversation_id} when it is a valid id, else raise L{BadRequest}.
+    """
+    if not isinstance(conversation_id, str) or not CONVERSATION_ID.match(
+        conversation_id
+    ):
+        raise BadRequest(
+            "conversation id must be 1 to 128 characters of "
+            "A-Z a-z 0-9 . _ : -"
+        )
+    return conversation_id
+
+
+@frozen
+class Usage:
+    """Token usage of one answer, as the upstream reported it."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@frozen
+class AskRequest:
+    """
+    One ask, as every transport hands it to the core.
+
+    @ivar conversation_id: an existing or client-chosen id, or C{"new"}.
+    @ivar parent_id: continue from this message instead of the current leaf
+        (branching: regenerate an answer, edit an earlier prompt).
+    @ivar request_id: the client's or transport's id for logs.
+    """
+
+    conversation_id: str
+    prompt: str
+    system_prompt: str | None = None
+    model: str | None = None
+    temperature: float | None = None
+    max_tokens: int | None = None
+    parent_id: str | None = None
+    request_id: str | None = None
+
+    @classmethod
+    def from_mapping(
+        cls, conversation_id: object, body: Mapping[str, Any],
+        request_id: str | None = None,
+    ) -> "AskRequest":
+        """
+        Build a request from a decoded JSON object, the shape HTTP and
+        WebSocket share; raise L{BadRequest} naming the faulty field.
+        """
+        if not isinstance(body, Mapping):
+            raise BadRequest("the request body must be a JSON object")
+        conversation_id = check_conversation_id(conversation_id)
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str):
+            raise BadRequest('"prompt" is required and must be a string')
+        if not prompt.strip():
+            raise BadRequest('"prompt" must not be empty')
+        return cls(
+            conversation_id=conversation_id,
+            prompt=prompt,
+            system_prompt=_optional(body, "system_prompt", str),
+            model=_optional(body, "model", str),
+            temperature=_temperature(body),
+            max_tokens=_max_tokens(body),
+            parent_id=_optional(body, "parent_id", str),
+            request_id=request_id,
+        )
+
+
+def _optional(body: Mapping[str, Any], name: str, kind: type) -> Any:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise BadRequest(f'"{name}" must be a {kind.__name__}')
+    if kind is str and not value:
+        return None
+    return value
+
+
+def _temperature(body: Mapping[str, Any]) -> float | None:
+    value = body.get("temperature")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BadRequest('"temperature" must be a number')
+    if not 0 <= value <= 2:
+        raise BadRequest('"temperature" must be between 0 and 2')
+    return float(value)
+
+
+def _max_tokens(body: Mapping[str, Any]) -> int | None:
+    value = body.get("max_tokens")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadRequest('"max_tokens" must be an integer')
+    if value < 1:
+        raise BadRequest('"max_tokens" must be at least 1')
+    return value
+
+
+@frozen
+class Answer:
+    """The final result of an ask, after all its pieces were passed on."""
+
+    conversation_id: str
+    message_id: str
+    text: str
+    model: str
+    usage: Usage | None
+    finish_reason: str | None
+    #: the id of the stored prompt message, parent of C{message_id}
+    prompt_message_id: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON shape every transport answers with."""
+        return {
+            "conversation_id": self.conversation_id,
+            "message_id": self.message_id,
+            "response": self.text,
+            "model": self.model,
+            "usage": self.usage.to_dict() if self.usage else None,
+            "finish_reason": self.finish_reason,
+        }
+
+
+# --- what the core sends upstream, and gets back --------------------------
+
+
+@frozen
+class ChatMessage:
+    """One message of a Chat Completions request."""
+
+    role: str
+    content: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"role": self.role, "content": self.content}
+
+
+@frozen
+class ChatRequest:
+    """One Chat Completions call, independent of the wire format."""
+
+    model: str
+    messages: Sequence[ChatMessage]
+    temperature: float | None = None
+    max_tokens: int | None = None
+
+
+@frozen
+class Completion:
+    """What an upstream produced for one L{ChatRequest}."""
+
+    text: str
+    model: str
+    finish_reason: str | None
+    usage: Usage | None
+    #: how many retries it took before the answer started
+    retries: int = 0
+    #: the upstream's HTTP status, for logs
+    status: int | None = None
+
+
+class Upstream(Protocol):
+    """
+    Something that answers chat requests: the treq client or the offline
+    model.
+    """
+
+    def stream_chat(
+        self, request: ChatRequest, on_piece: Callable[[str], None]
+    ) -> "Deferred[Completion]":
+        """
+        Stream the answer: call C{on_piece} on the reactor thread with each
+        non-empty piece of text as it arrives, then fire with the
+        L{Completion}.  Fails with an L{easybackend.errors.UpstreamError}
+        subclass.  Cancelling the Deferred closes the upstream connection
+        at once.
+        """
+
+
+# --- what the store keeps ---------------------------------------------------
+
+
+@frozen
+class Conversation:
+    """A conversation's row: its settings and its current leaf."""
+
+    id: str
+    title: str
+    system_prompt: str | None
+    model: str | None
+    created: float
+    updated: float
+    leaf_id: str | None
+    #: the key name that owns it (None when the server runs without keys)
+    owner: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "title": self.title,
+            "system_prompt": self.system_prompt,
+            "model": self.model,
+            "created": self.created,
+            "updated": self.updated,
+            "current_message_id": self.leaf_id,
+        }
+
+
+@frozen
+class Message:
+    """One stored message, a node of the conversation's tree."""
+
+    id: str
+    conversation_id: str
+    parent_id: str | None
+    role: str
+    content: str
+    tokens: int
+    created: float
+    model: str | None = None
+    finish_reason: str | None = None
+    usage: Usage | None = field(default=None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "parent_id": self.parent_id,
+            "role": self.role,
+            "content": self.content,
+            "tokens": self.tokens,
+            "created": self.created,
+            "model": self.model,
+            "finish_reason": self.finish_reason,
+            "usage": self.usage.to_dict() if self.usage else None,
+        }
+
+
+@frozen
+class Turn:
+    """
+    A finished turn, ready to be committed in one transaction: the prompt,
+    the answer, and, for a conversation that does not exist yet, its
+    settings.
+    """
+
+    conversation_id: str
+    parent_id: str | None
+    prompt: str
+    prompt_tokens: int
+    answer: str
+    answer_tokens: int
+    model: str
+    finish_reason: str | None
+    usage: Usage | None
+    #: settings of a conversation this turn creates
+    system_prompt: str | None = None
+    owner: str | None = None
+
+
+@frozen
+class ConversationView:
+    """A conversation with the messages of its current branch, root first."""
+
+    conversation: Conversation
+    messages: Sequence[Message]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.conversation.to_dict()
+        d["messages"] = [m.to_dict() for m in self.messages]
+        return d
