@@ -8,11 +8,89 @@ L{easybackend.errors.EasyBackendError}s back into its own form.
 
 from __future__ import annotations
 
-from typing import Callable
+import uuid
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine, TypeVar
 
-from twisted.internet.defer import Deferred
+from attrs import frozen
+from twisted.internet.defer import Deferred, DeferredLock, succeed
+from twisted.python.failure import Failure
+from twisted.internet.interfaces import IReactorTime
 
-from easybackend.model import Answer, AskRequest, Conversation, ConversationView
+from easybackend.tokens import fit
+from easybackend.errors import BadRequest, NoUpstream, NotFound
+from easybackend.model import (
+    NEW,
+    Answer,
+    AskRequest,
+    ChatMessage,
+    ChatRequest,
+    Conversation,
+    ConversationView,
+    Turn,
+    Upstream,
+    check_conversation_id,
+)
+
+T = TypeVar("T")
+
+
+@frozen
+class CoreSettings:
+    """What the core needs to know of the configuration."""
+
+    model: str = "gpt-4o-mini"
+    first_prompt: str | None = None
+    context_tokens: int = 128000
+    answer_tokens: int = 1024
+    temperature: float | None = None
+
+
+def new_conversation_id() -> str:
+    """A fresh, unguessable conversation id."""
+    return "c_" + uuid.uuid4().hex
+
+
+class Shared:
+    """
+    Call C{load} once and hand its result to every caller; a failure is
+    handed to those waiting and the next call tries again.
+    """
+
+    def __init__(self, load: Callable[[], Awaitable[Any]]) -> None:
+        self._load = load
+        self._done = False
+        self._result: Any = None
+        self._waiting: list[Deferred[Any]] | None = None
+
+    def __call__(self) -> "Deferred[Any]":
+        if self._done:
+            return succeed(self._result)
+        d: Deferred[Any] = Deferred()
+        if self._waiting is None:
+            self._waiting = [d]
+            Deferred.fromCoroutine(_await(self._load())).addBoth(self._fire)
+        else:
+            self._waiting.append(d)
+        return d
+
+    def _fire(self, result: Any) -> None:
+        waiting, self._waiting = self._waiting or [], None
+        if not isinstance(result, Failure):
+            self._done, self._result = True, result
+        for d in waiting:
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(result)
+
+
+async def _await(awaitable: Awaitable[T]) -> T:
+    return await awaitable
+
+
+def _deferred(coroutine: Coroutine[Any, Any, T]) -> "Deferred[T]":
+    return Deferred.fromCoroutine(coroutine)
 
 
 class ConversationService:
@@ -21,7 +99,32 @@ class ConversationService:
 
     All methods are called on the reactor thread and return Deferreds that
     fire on the reactor thread.
+
+    @param store: an L{easybackend.store.Store}.
+    @param upstream: the model to call, or C{None} when none is configured
+        (every ask then fails with L{NoUpstream}).
+    @param tokens: a zero-argument callable giving a Deferred that fires
+        with the L{easybackend.tokens.TokenCounter} (loaded off the reactor
+        thread, once).
+    @param clock: the time source for timestamps.
     """
+
+    def __init__(
+        self,
+        store: Any,
+        upstream: Upstream | None,
+        tokens: Callable[[], Awaitable[Any]],
+        clock: IReactorTime,
+        settings: CoreSettings = CoreSettings(),
+    ) -> None:
+        self.store = store
+        self.upstream = upstream
+        self._tokens = Shared(tokens)
+        self._clock = clock
+        self.settings = settings
+        self._locks: dict[str, DeferredLock] = {}
+
+    # -- asking ------------------------------------------------------------
 
     def ask(
         self, request: AskRequest, on_piece: Callable[[str], None]
@@ -36,25 +139,161 @@ class ConversationService:
         C{parent_id}), L{PromptTooLong}, L{NoUpstream}, or an
         L{UpstreamError} subclass.
         """
-        raise NotImplementedError
+        return _deferred(self._ask(request, on_piece))
+
+    async def _ask(
+        self, request: AskRequest, on_piece: Callable[[str], None]
+    ) -> Answer:
+        upstream = self.upstream
+        if upstream is None:
+            raise NoUpstream()
+        if not request.prompt.strip():
+            raise BadRequest('"prompt" must not be empty')
+        cid = request.conversation_id
+        if cid == NEW:
+            cid = new_conversation_id()
+        else:
+            check_conversation_id(cid)
+        async with self._held(cid):
+            counter = await self._tokens()
+            conversation = await self.store.get_conversation(cid)
+            leaf = await self._leaf(conversation, cid, request.parent_id)
+            history = await self.store.branch(cid, leaf) if leaf else []
+            if conversation is None:
+                system = request.system_prompt or self.settings.first_prompt
+                model = request.model or self.settings.model
+            else:
+                system = conversation.system_prompt
+                model = request.model or conversation.model or self.settings.model
+            answer_tokens = request.max_tokens or self.settings.answer_tokens
+            budget = self.settings.context_tokens - answer_tokens
+            system_tokens = counter.count_message("system", system) if system else 0
+            prompt_tokens = counter.count_message("user", request.prompt)
+            start = fit(system_tokens, history, prompt_tokens, budget)
+            messages = [ChatMessage("system", system)] if system else []
+            messages.extend(ChatMessage(m.role, m.content) for m in history[start:])
+            messages.append(ChatMessage("user", request.prompt))
+            temperature = request.temperature
+            if temperature is None:
+                temperature = self.settings.temperature
+            completion = await upstream.stream_chat(
+                ChatRequest(
+                    model=model,
+                    messages=messages,
+                    temperature=temperature,
+                    max_tokens=request.max_tokens,
+                ),
+                on_piece,
+            )
+            turn = Turn(
+                conversation_id=cid,
+                parent_id=leaf,
+                prompt=request.prompt,
+                prompt_tokens=prompt_tokens,
+                answer=completion.text,
+                answer_tokens=counter.count_message("assistant", completion.text),
+                model=completion.model or model,
+                finish_reason=completion.finish_reason,
+                usage=completion.usage,
+                system_prompt=system,
+            )
+            prompt_id, answer_id = await self.store.commit_turn(
+                turn, self._clock.seconds(), system_tokens=system_tokens
+            )
+        return Answer(
+            conversation_id=cid,
+            message_id=answer_id,
+            text=completion.text,
+            model=turn.model,
+            usage=completion.usage,
+            finish_reason=completion.finish_reason,
+            prompt_message_id=prompt_id,
+        )
+
+    async def _leaf(
+        self, conversation: Conversation | None, cid: str, parent_id: str | None
+    ) -> str | None:
+        """The message the new turn continues from."""
+        if parent_id is None:
+            return conversation.leaf_id if conversation else None
+        if conversation is None or await self.store.get_message(cid, parent_id) is None:
+            raise NotFound(f"message {parent_id!r} not found in conversation {cid!r}")
+        return parent_id
+
+    @asynccontextmanager
+    async def _held(self, cid: str) -> AsyncIterator[None]:
+        """
+        Hold the conversation's lock for a block: waiting for it can be
+        cancelled, and it is released however the block ends.  A lock
+        nobody holds or waits for is forgotten.
+        """
+        lock = self._locks.setdefault(cid, DeferredLock())
+        try:
+            await lock.acquire()
+            try:
+                yield
+            finally:
+                lock.release()
+        finally:
+            if not lock.locked and not lock.waiting:
+                self._locks.pop(cid, None)
+
+    # -- reading and editing -----------------------------------------------
 
     def list_conversations(
         self, limit: int = 20, offset: int = 0
     ) -> "Deferred[list[Conversation]]":
         """The conversations, most recently updated first."""
-        raise NotImplementedError
+        if not 1 <= limit <= 100:
+            raise BadRequest('"limit" must be between 1 and 100')
+        if offset < 0:
+            raise BadRequest('"offset" must be 0 or more')
+        return self.store.list_conversations(limit, offset)
 
     def get_conversation(self, conversation_id: str) -> "Deferred[ConversationView]":
         """The conversation and its current branch; L{NotFound} if unknown."""
-        raise NotImplementedError
+        return _deferred(self._view(check_conversation_id(conversation_id)))
+
+    async def _view(self, cid: str) -> ConversationView:
+        conversation = await self.store.get_conversation(cid)
+        if conversation is None:
+            raise NotFound(f"conversation {cid!r} not found")
+        leaf = conversation.leaf_id
+        messages = await self.store.branch(cid, leaf) if leaf else []
+        return ConversationView(conversation, messages)
 
     def delete_conversation(self, conversation_id: str) -> "Deferred[None]":
         """Delete the conversation and all its messages; L{NotFound} if unknown."""
-        raise NotImplementedError
+        return _deferred(self._delete(check_conversation_id(conversation_id)))
+
+    async def _delete(self, cid: str) -> None:
+        async with self._held(cid):
+            if not await self.store.delete_conversation(cid):
+                raise NotFound(f"conversation {cid!r} not found")
 
     def rollback(self, conversation_id: str, turns: int) -> "Deferred[ConversationView]":
         """
         Move the current leaf back by C{turns} turns, deleting nothing;
         L{NotFound} if unknown, L{BadRequest} if C{turns} < 1.
         """
-        raise NotImplementedError
+        return _deferred(self._rollback(check_conversation_id(conversation_id), turns))
+
+    async def _rollback(self, cid: str, turns: int) -> ConversationView:
+        if isinstance(turns, bool) or not isinstance(turns, int) or turns < 1:
+            raise BadRequest('"turns" must be an integer of at least 1')
+        async with self._held(cid):
+            await self.store.rollback(cid, turns)
+        return await self._view(cid)
+
+    def check_ready(self) -> "Deferred[None]":
+        """
+        Fire when the service can answer: the database answers and an
+        upstream is configured; fail with the L{EasyBackendError} that says
+        why not.
+        """
+        return _deferred(self._check_ready())
+
+    async def _check_ready(self) -> None:
+        await self.store.ping()
+        if self.upstream is None:
+            raise NoUpstream()

@@ -1,0 +1,187 @@
+"""
+C{twistd easybackend}: the options and the service they build.
+
+The application opens the store first, then builds the core and the
+transports on it and starts listening; on shutdown it stops listening,
+lets gRPC finish, then closes the store.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IService, MultiService
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.web.server import Site
+
+from easybackend.config import SETTINGS, ConfigError, Settings, settings_from
+
+log = Logger()
+
+
+class Options(usage.Options):
+    """The command line of C{twistd easybackend}; see the README's table."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "EasyBackend keeps each conversation's history on the server and "
+        "answers over HTTP, WebSocket and gRPC with any OpenAI-compatible "
+        "upstream. The API key is read from OPENAI_API_KEY only."
+    )
+    optFlags = [
+        ["offline", None, "answer with the built-in offline model (no upstream)"],
+    ]
+    optParameters = [
+        [s.option, None, None,
+         f"{s.help}" + (f" [env: {s.env}]" if s.env else "")
+         + (f" [default: {s.default}]" if s.default is not None
+            and "default:" not in s.help else "")]
+        for s in SETTINGS
+    ]
+
+    def postOptions(self) -> None:
+        try:
+            self["settings"] = settings_from(self, os.environ)
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+        from twisted.internet import reactor
+
+        for name in ("http", "websocket"):
+            try:
+                serverFromString(reactor, getattr(self["settings"], name))
+            except (ValueError, KeyError, TypeError) as e:
+                raise usage.UsageError(
+                    f"--{name}: invalid endpoint {getattr(self['settings'], name)!r}: {e}"
+                ) from None
+
+
+class EasyBackend(MultiService):
+    """
+    The whole server: opens the store, then builds and starts the core and
+    its listeners.
+    """
+
+    def __init__(self, settings: Settings, reactor: Any = None) -> None:
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor
+        self.settings = settings
+        self.reactor = reactor
+        self.store: Any = None
+        self.core: Any = None
+        self.upstream: Any = None
+        self.ready: Deferred[None] = Deferred()
+
+    def startService(self) -> None:
+        # Children are added once the store is open; start them then.
+        IService.startService(self)  # type: ignore[arg-type]
+        d = ensureDeferred(self._start())
+        d.addCallbacks(self.ready.callback, self._failed)
+
+    async def _start(self) -> None:
+        from easybackend.store import Store
+
+        self.store = await Store.open(self.settings.db, reactor=self.reactor)
+        self.core = build_core(self.settings, self.store, self.reactor)
+        self.upstream = self.core.upstream
+        for service in build_listeners(self.settings, self.core, self.reactor):
+            service.setServiceParent(self)
+        if self.core.upstream is None:
+            log.warn(
+                "no upstream configured: every ask will get 503; set "
+                "OPENAI_API_KEY or OPENAI_BASE_URL, or start with --offline"
+            )
+        elif self.settings.offline:
+            log.info("answering with the offline model (no upstream is called)")
+        else:
+            log.info("upstream: {url}, model {model}",
+                     url=self.settings.upstream_url, model=self.settings.model)
+
+    def _failed(self, failure: Any) -> None:
+        log.failure("EasyBackend could not start", failure)
+        self.ready.errback(failure)
+        if self.reactor.running:
+            self.reactor.stop()
+
+    def stopService(self) -> Deferred[None]:
+        return ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        await DeferredList(
+            [d for d in [MultiService.stopService(self)] if d is not None]
+        )
+        if self.upstream is not None and hasattr(self.upstream, "close"):
+            await self.upstream.close()
+        if self.store is not None:
+            self.store.close()
+
+
+def build_upstream(settings: Settings, reactor: Any) -> Any:
+    """The offline model, the treq client, or None when none is configured."""
+    if settings.offline:
+        from easybackend.offline import OfflineUpstream
+
+        return OfflineUpstream(reactor, interval=settings.offline_interval)
+    url = settings.upstream_url
+    if url is None:
+        return None
+    from easybackend.upstream import OpenAIUpstream
+
+    return OpenAIUpstream(
+        reactor=reactor,
+        base_url=url,
+        api_key=settings.api_key,
+        headers_timeout=settings.connect_timeout,
+        idle_timeout=settings.idle_timeout,
+        total_timeout=settings.total_timeout,
+        max_retries=settings.retries,
+    )
+
+
+def build_core(settings: Settings, store: Any, reactor: Any, upstream: Any = "default") -> Any:
+    """The conversation service over C{store}."""
+    from easybackend.service import ConversationService, CoreSettings
+    from easybackend.tokens import load_token_counter
+
+    if upstream == "default":
+        upstream = build_upstream(settings, reactor)
+    return ConversationService(
+        store=store,
+        upstream=upstream,
+        tokens=lambda: load_token_counter(settings.encoding, settings.model, clock=reactor),
+        clock=reactor,
+        settings=CoreSettings(
+            model=settings.model,
+            first_prompt=settings.first_prompt,
+            context_tokens=settings.context_tokens,
+            answer_tokens=settings.answer_tokens,
+            temperature=settings.temperature,
+        ),
+    )
+
+
+def build_listeners(settings: Settings, core: Any, reactor: Any) -> list[IService]:
+    """One service per listener: HTTP, WebSocket and gRPC."""
+    from easybackend.transports.web import WebApp, WebSettings
+
+    services: list[IService] = []
+    web = WebApp(core, WebSettings(max_body=settings.max_body,
+                                   cors_origins=settings.cors_origins))
+    services.append(_listen(reactor, settings.http, Site(web.resource())))
+    return services
+
+
+def _listen(reactor: Any, description: str, factory: Any) -> IService:
+    service = StreamServerEndpointService(serverFromString(reactor, description), factory)
+    # Fail startup at once (with the reason) when the port cannot be had.
+    service._raiseSynchronously = True
+    return service
+
+
+def makeService(options: Options) -> IService:
+    return EasyBackend(options["settings"])

@@ -1,0 +1,244 @@
+"""
+The HTTP transport (Klein): JSON routes over the conversation service.
+
+It only translates: request bodies to L{AskRequest}s and service calls,
+results to JSON, and L{EasyBackendError}s to statuses with a JSON body
+C{{"error": {"code", "message"}}}.  Nothing a client sends gets a 500 or
+an HTML page.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+from attrs import frozen
+from klein import Klein
+from twisted.internet.defer import CancelledError
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound as NoRoute
+
+from easybackend.errors import (
+    BadRequest,
+    EasyBackendError,
+    RequestTooLarge,
+    UpstreamError,
+)
+from easybackend.model import AskRequest
+from easybackend.service import ConversationService
+
+log = Logger()
+
+#: The HTTP status for each core error code.
+STATUS: dict[str, int] = {
+    "bad_request": 400,
+    "not_found": 404,
+    "method_not_allowed": 405,
+    "prompt_too_long": 413,
+    "request_too_large": 413,
+    "rate_limited": 429,
+    "upstream_error": 502,
+    "upstream_rate_limited": 502,
+    "upstream_unavailable": 502,
+    "no_upstream": 503,
+    "upstream_timeout": 504,
+}
+
+
+@frozen
+class WebSettings:
+    """The HTTP transport's own limits."""
+
+    max_body: int = 1024 * 1024
+    cors_origins: tuple[str, ...] = ("*",)
+
+
+def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
+    """The JSON error shape every route answers with."""
+    return {"error": {"code": code, "message": message, **extra}}
+
+
+class WebApp:
+    """
+    The Klein application.  C{websocket} is an optional resource mounted at
+    C{/ws}, so that a page can reach the WebSocket on its own origin.
+    """
+
+    app = Klein()
+
+    def __init__(
+        self,
+        service: ConversationService,
+        settings: WebSettings = WebSettings(),
+        websocket: IResource | None = None,
+    ) -> None:
+        self.service = service
+        self.settings = settings
+        self.websocket = websocket
+
+    def resource(self) -> IResource:
+        return self.app.resource()
+
+    # -- plumbing ----------------------------------------------------------
+
+    def _cors(self, request: IRequest) -> None:
+        origins = self.settings.cors_origins
+        origin = request.getHeader("origin")
+        if "*" in origins:
+            request.setHeader("access-control-allow-origin", "*")
+        elif origin and origin in origins:
+            request.setHeader("access-control-allow-origin", origin)
+            request.setHeader("vary", "Origin")
+
+    def _json(self, request: IRequest, body: Any, status: int = 200) -> bytes:
+        request.setResponseCode(status)
+        request.setHeader("content-type", "application/json; charset=utf-8")
+        request.setHeader("cache-control", "no-store")
+        self._cors(request)
+        return json.dumps(body, ensure_ascii=False).encode("utf-8")
+
+    def _body(self, request: IRequest, required: bool = True) -> dict[str, Any]:
+        """The request's JSON object, within the size limit."""
+        limit = self.settings.max_body
+        length = request.getHeader("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise RequestTooLarge(f"request body is over the limit of {limit} bytes")
+        raw = request.content.read(limit + 1) if request.content else b""
+        if len(raw) > limit:
+            raise RequestTooLarge(f"request body is over the limit of {limit} bytes")
+        if not raw.strip():
+            if required:
+                raise BadRequest("the request body must be a JSON object")
+            return {}
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise BadRequest(f"the request body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise BadRequest("the request body must be a JSON object")
+        return body
+
+    @app.handle_errors(EasyBackendError)
+    def _easy_error(self, request: IRequest, failure: Failure) -> bytes:
+        error = failure.value
+        extra: dict[str, Any] = {}
+        if isinstance(error, UpstreamError) and error.status is not None:
+            extra["upstream_status"] = error.status
+        retry_after = getattr(error, "retry_after", None)
+        if retry_after is not None and error.code == "rate_limited":
+            request.setHeader("retry-after", str(int(retry_after + 0.999)))
+        return self._json(
+            request, error_body(error.code, error.message, **extra),
+            STATUS.get(error.code, 500),
+        )
+
+    @app.handle_errors(NoRoute)
+    def _no_route(self, request: IRequest, failure: Failure) -> bytes:
+        return self._json(request, error_body("not_found", "no such route"), 404)
+
+    @app.handle_errors(MethodNotAllowed)
+    def _bad_method(self, request: IRequest, failure: Failure) -> bytes:
+        allowed = failure.value.valid_methods or []
+        request.setHeader("allow", ", ".join(allowed))
+        return self._json(
+            request,
+            error_body("method_not_allowed", f"method not allowed; use {', '.join(allowed)}"),
+            405,
+        )
+
+    @app.handle_errors(HTTPException)
+    def _http_error(self, request: IRequest, failure: Failure) -> bytes:
+        e = failure.value
+        return self._json(request, error_body("bad_request", e.description or e.name), e.code or 400)
+
+    @app.handle_errors(CancelledError)
+    def _cancelled(self, request: IRequest, failure: Failure) -> bytes:
+        # The client went away; nobody reads this.
+        return b""
+
+    @app.handle_errors(Exception)
+    def _unexpected(self, request: IRequest, failure: Failure) -> bytes:
+        log.failure("unexpected error on {method} {path}", failure,
+                    method=request.method, path=request.path)
+        return self._json(request, error_body("internal", "internal server error"), 500)
+
+    # -- routes ------------------------------------------------------------
+
+    @app.route("/", branch=True, methods=["OPTIONS"])
+    def preflight(self, request: IRequest) -> bytes:
+        self._cors(request)
+        request.setHeader("access-control-allow-methods", "GET, POST, DELETE, OPTIONS")
+        request.setHeader(
+            "access-control-allow-headers",
+            request.getHeader("access-control-request-headers")
+            or "authorization, content-type",
+        )
+        request.setHeader("access-control-max-age", "600")
+        request.setResponseCode(204)
+        return b""
+
+    @app.route("/healthz", methods=["GET"])
+    def healthz(self, request: IRequest) -> bytes:
+        return self._json(request, {"status": "ok"})
+
+    @app.route("/readyz", methods=["GET"])
+    async def readyz(self, request: IRequest) -> bytes:
+        await self.service.check_ready()
+        return self._json(request, {"status": "ready"})
+
+    @app.route("/ask/<string:conversation_id>", methods=["POST"])
+    async def ask(self, request: IRequest, conversation_id: str) -> bytes:
+        ask = AskRequest.from_mapping(conversation_id, self._body(request))
+        answer = await self.service.ask(ask, _ignore)
+        return self._json(request, answer.to_dict())
+
+    @app.route("/conversations", methods=["GET"])
+    async def list_conversations(self, request: IRequest) -> bytes:
+        limit = _query_int(request, b"limit", 20)
+        offset = _query_int(request, b"offset", 0)
+        conversations = await self.service.list_conversations(limit, offset)
+        return self._json(request, {
+            "conversations": [c.to_dict() for c in conversations],
+            "limit": limit,
+            "offset": offset,
+            "next_offset": offset + limit if len(conversations) == limit else None,
+        })
+
+    @app.route("/conversations/<string:conversation_id>", methods=["GET"])
+    async def get_conversation(self, request: IRequest, conversation_id: str) -> bytes:
+        view = await self.service.get_conversation(conversation_id)
+        return self._json(request, view.to_dict())
+
+    @app.route("/conversations/<string:conversation_id>", methods=["DELETE"])
+    async def delete_conversation(self, request: IRequest, conversation_id: str) -> bytes:
+        await self.service.delete_conversation(conversation_id)
+        return self._json(request, {"id": conversation_id, "deleted": True})
+
+    @app.route("/conversations/<string:conversation_id>/rollback", methods=["POST"])
+    async def rollback(self, request: IRequest, conversation_id: str) -> bytes:
+        turns = self._body(request, required=False).get("turns", 1)
+        view = await self.service.rollback(conversation_id, turns)
+        return self._json(request, view.to_dict())
+
+    @app.route("/ws", methods=["GET"])
+    def websocket_route(self, request: IRequest) -> IResource:
+        if self.websocket is None:
+            raise NoRoute()
+        return self.websocket
+
+
+def _ignore(piece: str) -> None:
+    """The plain JSON answer waits for the whole text."""
+
+
+def _query_int(request: IRequest, name: bytes, default: int) -> int:
+    values = request.args.get(name)
+    if not values:
+        return default
+    try:
+        return int(values[0])
+    except ValueError:
+        raise BadRequest(f'"{name.decode()}" must be an integer') from None

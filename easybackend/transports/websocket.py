@@ -1,0 +1,530 @@
+"""
+The WebSocket transport: Autobahn on Twisted, over the conversation service.
+
+One protocol, served on its own listener (C{--websocket}, default
+C{tcp:9001}) and at C{/ws} on the HTTP site.  It only translates: frames in,
+calls on L{easybackend.service.ConversationService}, frames out.
+
+Two wire protocols share the socket:
+
+  - JSON (what new clients speak).  Client messages::
+
+        {"type": "ask", "id": ID, "conversation_id": "...", "prompt": "...",
+         "system_prompt": ..., "model": ..., "temperature": ...,
+         "max_tokens": ..., "parent_id": ...}
+        {"type": "cancel", "id": ID}
+
+    Server messages, for each accepted ask any number of C{delta} then
+    exactly one of C{done}, C{error} or C{cancelled}::
+
+        {"type": "delta", "id": ID, "text": "..."}
+        {"type": "done", "id": ID, "conversation_id": "...",
+         "message_id": "...", "model": "...", "usage": {...},
+         "finish_reason": "..."}
+        {"type": "error", "id": ID or null, "code": "...", "message": "..."}
+        {"type": "cancelled", "id": ID}
+
+    C{ID} is the client's: a non-empty string or an integer.  Several asks
+    may be in flight at once, told apart by their ids.
+
+  - The old text protocol, kept for existing clients:
+    C{<|ask|>$<conversation_id>$<prompt>} gets the answer's pieces as text
+    frames, then C{<|end|>}, or C{<|err|>$<message>}.  Text asks on one
+    connection run one after the other, since their frames carry no id.
+
+A text message is JSON when its first non-blank character is C{{} or C{[}, or
+when it parses as JSON; anything else is the text protocol.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable, Iterable
+
+from autobahn.twisted.resource import WebSocketResource
+from autobahn.twisted.websocket import (
+    WebSocketServerFactory,
+    WebSocketServerProtocol,
+)
+from autobahn.websocket.protocol import WebSocketProtocol
+from twisted.application.service import Service
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    DeferredLock,
+    maybeDeferred,
+)
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from easybackend.errors import BadRequest, EasyBackendError
+from easybackend.model import Answer, AskRequest
+
+__all__ = [
+    "ChatServerProtocol",
+    "ChatServerFactory",
+    "WebSocketFactoryService",
+    "make_websocket_factory",
+    "websocket_resource",
+    "TEXT_ASK",
+    "TEXT_END",
+    "TEXT_ERR",
+    "TEXT_USAGE",
+]
+
+# Not "log" as a class attribute: Autobahn's protocol classes keep their own
+# txaio logger there.
+log = Logger(namespace="easybackend.transports.websocket")
+
+#: The old text protocol's markers.
+TEXT_ASK = "<|ask|>"
+TEXT_END = "<|end|>"
+TEXT_ERR = "<|err|>"
+#: What any other text gets, after C{<|err|>$}.
+TEXT_USAGE = (
+    'usage: send <|ask|>$<conversation_id>$<prompt>, or JSON '
+    '{"type": "ask", "id": "1", "conversation_id": "new", "prompt": "..."}'
+)
+
+#: The close code Autobahn sends for a message over the size limit.
+CLOSE_MESSAGE_TOO_BIG = WebSocketProtocol.CLOSE_STATUS_CODE_MESSAGE_TOO_BIG
+#: The close code sent to every client when the factory stops.
+CLOSE_GOING_AWAY = WebSocketProtocol.CLOSE_STATUS_CODE_GOING_AWAY
+
+
+class _Ask:
+    """One ask in flight on a connection."""
+
+    def __init__(self, key: object, ask_id: object) -> None:
+        self.key = key
+        #: the client's id (JSON), or None (text protocol)
+        self.ask_id = ask_id
+        #: False once the ask ended or was cancelled: no more frames for it
+        self.active = True
+        self.deferred: Deferred[Answer] | None = None
+
+
+def _valid_id(value: object) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return True
+    return isinstance(value, str) and bool(value)
+
+
+def _error_id(message: object) -> object:
+    """The id to echo in an error about C{message}, when it has a usable one."""
+    if isinstance(message, dict):
+        ask_id = message.get("id")
+        if _valid_id(ask_id):
+            return ask_id
+    return None
+
+
+class ChatServerProtocol(WebSocketServerProtocol):
+    """
+    One WebSocket connection.  C{self.factory.service} answers the asks.
+
+    @ivar in_flight: the asks running on this connection, by key: the
+        client's id for JSON asks, C{("text", n)} for text asks.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_flight: dict[object, _Ask] = {}
+        self._text_lock = DeferredLock()
+        self._text_count = 0
+
+    # --- Autobahn's callbacks: nothing raises out of them -----------------
+
+    def onOpen(self) -> None:
+        try:
+            self.factory.connections.add(self)
+        except Exception:
+            log.failure("unexpected failure opening a WebSocket connection")
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        reply_internal: Callable[[], None] = self._internal_json
+        try:
+            if isBinary:
+                self._send_error(
+                    None, "bad_request",
+                    "binary messages are not supported: send JSON text",
+                )
+                return
+            text = payload.decode("utf-8")
+            try:
+                message = self._parse(text)
+            except ValueError as e:
+                self._send_error(None, "bad_request", f"invalid JSON: {e}")
+                return
+            if message is _TEXT:
+                reply_internal = self._internal_text
+                self._on_text(text)
+            else:
+                self._on_json(message)
+        except Exception:
+            log.failure("unexpected failure handling a WebSocket message")
+            reply_internal()
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        try:
+            self.factory.connections.discard(self)
+            self.cancel_all()
+        except Exception:
+            log.failure("unexpected failure closing a WebSocket connection")
+
+    # --- parsing -----------------------------------------------------------
+
+    def _parse(self, text: str) -> Any:
+        """
+        The decoded JSON message, or L{_TEXT} for the text protocol.  Raises
+        L{ValueError} for a message meant as JSON that is not valid.
+        """
+        if text.startswith(TEXT_ASK):
+            return _TEXT
+        try:
+            return json.loads(text)
+        except ValueError:
+            if text.lstrip()[:1] in ("{", "["):
+                raise
+            return _TEXT
+
+    # --- the JSON protocol -------------------------------------------------
+
+    def _on_json(self, message: Any) -> None:
+        if not isinstance(message, dict):
+            self._send_error(
+                None, "bad_request", "a message must be a JSON object"
+            )
+            return
+        kind = message.get("type")
+        if kind == "ask":
+            self._json_ask(message)
+        elif kind == "cancel":
+            self._json_cancel(message)
+        elif not isinstance(kind, str):
+            self._send_error(
+                _error_id(message), "bad_request",
+                '"type" is required and must be "ask" or "cancel"',
+            )
+        else:
+            self._send_error(
+                _error_id(message), "bad_request",
+                f'unknown "type" {kind!r}: expected "ask" or "cancel"',
+            )
+
+    def _json_ask(self, message: dict[str, Any]) -> None:
+        ask_id = message.get("id")
+        if not _valid_id(ask_id):
+            self._send_error(
+                None, "bad_request",
+                '"id" is required and must be a non-empty string or an integer',
+            )
+            return
+        if ask_id in self.in_flight:
+            self._send_error(
+                ask_id, "bad_request",
+                f"an ask with id {ask_id!r} is already in flight "
+                "(that ask goes on)",
+            )
+            return
+        conversation_id = message.get("conversation_id")
+        try:
+            if not isinstance(conversation_id, str):
+                raise BadRequest(
+                    '"conversation_id" is required and must be a string '
+                    '(an id, or "new")'
+                )
+            request = AskRequest.from_mapping(
+                conversation_id, message, request_id=str(ask_id)
+            )
+        except EasyBackendError as e:
+            self._send_error(ask_id, e.code, e.message)
+            return
+        ask = _Ask(ask_id, ask_id)
+
+        def on_piece(piece: str) -> None:
+            if ask.active:
+                self._send_json({"type": "delta", "id": ask_id, "text": piece})
+
+        def done(answer: Answer) -> None:
+            reply = answer.to_dict()
+            reply.pop("response", None)  # the deltas carried it already
+            self._send_json({"type": "done", "id": ask_id, **reply})
+
+        def failed(failure: Failure) -> None:
+            if failure.check(CancelledError):
+                self._send_json({"type": "cancelled", "id": ask_id})
+            elif failure.check(EasyBackendError):
+                error = failure.value
+                self._send_error(ask_id, error.code, error.message)
+            else:
+                log.failure(
+                    "unexpected failure answering WebSocket ask {ask_id!r}",
+                    failure, ask_id=ask_id,
+                )
+                self._send_error(ask_id, "internal", "internal error")
+
+        self._start(ask, lambda: self._service_ask(request, on_piece),
+                    done, failed)
+
+    def _json_cancel(self, message: dict[str, Any]) -> None:
+        ask_id = message.get("id")
+        if not _valid_id(ask_id):
+            self._send_error(
+                None, "bad_request",
+                '"id" is required and must be a non-empty string or an integer',
+            )
+            return
+        ask = self.in_flight.get(ask_id)
+        # An ask that already ended got its done or error: nothing to say.
+        if ask is not None and ask.deferred is not None:
+            ask.deferred.cancel()
+
+    # --- the old text protocol --------------------------------------------
+
+    def _on_text(self, text: str) -> None:
+        if not text.startswith(TEXT_ASK + "$") or "$" not in text[len(TEXT_ASK) + 1:]:
+            self._send_text(f"{TEXT_ERR}${TEXT_USAGE}")
+            return
+        conversation_id, prompt = text[len(TEXT_ASK) + 1:].split("$", 1)
+        self._text_count += 1
+        key = ("text", self._text_count)
+        try:
+            request = AskRequest.from_mapping(
+                conversation_id, {"prompt": prompt},
+                request_id=f"text-{self._text_count}",
+            )
+        except EasyBackendError as e:
+            self._send_text(f"{TEXT_ERR}${e.message}")
+            return
+        ask = _Ask(key, None)
+
+        def on_piece(piece: str) -> None:
+            if ask.active:
+                self._send_text(piece)
+
+        def done(answer: Answer) -> None:
+            self._send_text(TEXT_END)
+
+        def failed(failure: Failure) -> None:
+            if failure.check(CancelledError):
+                self._send_text(f"{TEXT_ERR}$cancelled")
+            elif failure.check(EasyBackendError):
+                self._send_text(f"{TEXT_ERR}${failure.value.message}")
+            else:
+                log.failure(
+                    "unexpected failure answering a WebSocket text ask",
+                    failure,
+                )
+                self._send_text(f"{TEXT_ERR}$internal error")
+
+        self._start(
+            ask,
+            lambda: self._text_lock.run(self._service_ask, request, on_piece),
+            done, failed,
+        )
+
+    # --- asks --------------------------------------------------------------
+
+    def _service_ask(
+        self, request: AskRequest, on_piece: Callable[[str], None]
+    ) -> "Deferred[Answer]":
+        return maybeDeferred(self.factory.service.ask, request, on_piece)
+
+    def _start(
+        self,
+        ask: _Ask,
+        call: Callable[[], "Deferred[Answer]"],
+        done: Callable[[Answer], None],
+        failed: Callable[[Failure], None],
+    ) -> None:
+        """
+        Run C{call()} as the ask C{ask}; C{done} or C{failed} sends its one
+        final frame.  The ask is in L{in_flight} until then.
+        """
+        self.in_flight[ask.key] = ask
+
+        def finish() -> None:
+            ask.active = False
+            if self.in_flight.get(ask.key) is ask:
+                del self.in_flight[ask.key]
+
+        def ok(answer: Answer) -> None:
+            finish()
+            done(answer)
+
+        def bad(failure: Failure) -> None:
+            finish()
+            failed(failure)
+
+        try:
+            d = call()
+        except Exception:
+            d = Deferred()
+            d.errback()
+        ask.deferred = d
+        d.addCallbacks(ok, bad)
+        d.addErrback(
+            lambda f: log.failure(
+                "unexpected failure ending a WebSocket ask", f
+            )
+        )
+
+    def cancel_all(self) -> None:
+        """Cancel every ask in flight on this connection."""
+        for ask in list(self.in_flight.values()):
+            ask.active = False
+            if ask.deferred is not None:
+                try:
+                    ask.deferred.cancel()
+                except Exception:
+                    log.failure("unexpected failure cancelling a WebSocket ask")
+        self.in_flight.clear()
+
+    # --- sending -----------------------------------------------------------
+
+    def _is_open(self) -> bool:
+        return self.state == WebSocketProtocol.STATE_OPEN
+
+    def _send_json(self, message: dict[str, Any]) -> None:
+        if self._is_open():
+            self.sendMessage(
+                json.dumps(message, ensure_ascii=False).encode("utf-8"),
+                isBinary=False,
+            )
+
+    def _send_text(self, text: str) -> None:
+        if self._is_open():
+            self.sendMessage(text.encode("utf-8"), isBinary=False)
+
+    def _send_error(self, ask_id: object, code: str, message: str) -> None:
+        self._send_json(
+            {"type": "error", "id": ask_id, "code": code, "message": message}
+        )
+
+    def _internal_json(self) -> None:
+        self._send_error(None, "internal", "internal error")
+
+    def _internal_text(self) -> None:
+        self._send_text(f"{TEXT_ERR}$internal error")
+
+
+#: L{ChatServerProtocol._parse}'s answer for a text-protocol message.
+_TEXT = object()
+
+
+class ChatServerFactory(WebSocketServerFactory):
+    """
+    The factory for L{ChatServerProtocol}; build it with
+    L{make_websocket_factory}.
+
+    @ivar service: the L{easybackend.service.ConversationService}.
+    @ivar connections: the open connections.
+    """
+
+    protocol = ChatServerProtocol
+
+    def __init__(self, service: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.service = service
+        self.connections: set[ChatServerProtocol] = set()
+
+    def stopFactory(self) -> None:
+        """
+        Close every connection still open, with 1001 (going away), and
+        cancel its asks in flight.  Called by Twisted when the last port
+        using this factory stops, or by L{WebSocketFactoryService}.
+        """
+        self.close_all()
+        super().stopFactory()
+
+    def close_all(
+        self, code: int = CLOSE_GOING_AWAY, reason: str = "server shutting down"
+    ) -> None:
+        for protocol in list(self.connections):
+            try:
+                protocol.cancel_all()
+                if protocol.state == WebSocketProtocol.STATE_OPEN:
+                    protocol.sendClose(code, reason)
+            except Exception:
+                log.failure("unexpected failure closing a WebSocket connection")
+
+
+def make_websocket_factory(
+    service: Any,
+    *,
+    url: str | None = None,
+    max_message_size: int = 1024 * 1024,
+    auto_ping_interval: float = 20.0,
+    auto_ping_timeout: float = 10.0,
+    allowed_origins: Iterable[str] | None = None,
+    reactor: Any = None,
+) -> ChatServerFactory:
+    """
+    The WebSocket factory, for a listening endpoint and for L{websocket_resource}
+    alike (one factory can serve both).
+
+    @param service: the L{easybackend.service.ConversationService}.
+    @param url: the public C{ws://} or C{wss://} URL, if known (Autobahn
+        only uses it for its status page and the handshake's C{Host} check
+        when a port is given).
+    @param max_message_size: the largest client message, in bytes (a frame
+        is held to the same limit); a client that sends more is closed with
+        code 1009.  0 turns the limit off.
+    @param auto_ping_interval: seconds between the pings that keep the
+        connection alive and detect dead peers; 0 turns pings off.
+    @param auto_ping_timeout: seconds a peer has to answer a ping before the
+        connection is dropped (which cancels its asks).
+    @param allowed_origins: the browser origins allowed to connect, as
+        patterns (C{"*"}, C{"https://*.example.com"}); default all.
+    @param reactor: the reactor; default the global one.
+    """
+    if max_message_size < 0:
+        raise ValueError("max_message_size must be >= 0")
+    if auto_ping_interval < 0 or auto_ping_timeout < 0:
+        raise ValueError("auto-ping interval and timeout must be >= 0")
+    factory = ChatServerFactory(service, url, reactor=reactor)
+    factory.setProtocolOptions(
+        maxMessagePayloadSize=max_message_size,
+        maxFramePayloadSize=max_message_size,
+        autoPingInterval=auto_ping_interval,
+        autoPingTimeout=auto_ping_timeout,
+        # Send the close frame (1009 for an oversize message, 1002 for a
+        # protocol error) instead of dropping the TCP connection unexplained.
+        failByDrop=False,
+        allowedOrigins=list(allowed_origins) if allowed_origins else ["*"],
+    )
+    return factory
+
+
+def websocket_resource(factory: ChatServerFactory) -> WebSocketResource:
+    """
+    A C{twisted.web} resource serving C{factory}'s protocol, to mount at
+    C{/ws} on the HTTP site.
+
+    C{WebSocketResource} does not start or stop its factory: run a
+    L{WebSocketFactoryService} for it next to the HTTP listener (its
+    C{stopService} closes the connections still open).
+    """
+    return WebSocketResource(factory)
+
+
+class WebSocketFactoryService(Service):
+    """
+    Starts and stops a factory that no listening port owns, such as the one
+    behind L{websocket_resource}.  Uses C{doStart}/C{doStop}, which count
+    users, so the same factory may also listen on its own port.
+    """
+
+    def __init__(self, factory: ChatServerFactory) -> None:
+        self.factory = factory
+
+    def startService(self) -> None:
+        super().startService()
+        self.factory.doStart()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.factory.doStop()
