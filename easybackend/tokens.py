@@ -137,7 +137,7 @@ def load_token_counter(
     def loaded(result: tuple[tiktoken.Encoding, str | None]) -> TokenCounter:
         encoding, warning = result
         if warning is not None:
-            log.warn("{warning}", warning=warning)
+            log.warn("{detail}", detail=warning)
         return TokenCounter(encoding)
 
     d = run_in_thread(choose_encoding, encoding_name, model)

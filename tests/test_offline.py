@@ -21,21 +21,23 @@ def request(
     return ChatRequest(model="gpt-4o-mini", messages=messages, max_tokens=max_tokens)
 
 
-def run(upstream: OfflineUpstream, clock: Clock, chat: ChatRequest,
-        ) -> tuple[list[str], Completion]:
-    """Stream C{chat} to its end; return the pieces and the completion."""
-    pieces: list[str] = []
-    d = upstream.stream_chat(chat, pieces.append)
-    clock.pump([upstream.interval] * 1000)
-    return pieces, SynchronousTestCase().successResultOf(d)
-
-
 class OfflineUpstreamTests(SynchronousTestCase):
     """Tests for L{OfflineUpstream}."""
 
     def setUp(self) -> None:
         self.clock = Clock()
         self.upstream = OfflineUpstream(self.clock, interval=0.5)
+
+    def run_chat(
+        self, chat: ChatRequest, upstream: OfflineUpstream | None = None
+    ) -> tuple[list[str], Completion]:
+        """Stream C{chat} to its end; return the pieces and the completion."""
+        upstream = upstream or self.upstream
+        pieces: list[str] = []
+        d = upstream.stream_chat(chat, pieces.append)
+        assert isinstance(upstream.clock, Clock)
+        upstream.clock.pump([upstream.interval] * 1000)
+        return pieces, self.successResultOf(d)
 
     def test_piecesOneIntervalApart(self) -> None:
         """
@@ -59,7 +61,7 @@ class OfflineUpstreamTests(SynchronousTestCase):
 
     def test_fewWordsPerPiece(self) -> None:
         """Each piece is a few words, never empty."""
-        pieces, _ = run(self.upstream, self.clock, request("one two three four five"))
+        pieces, _ = self.run_chat(request("one two three four five"))
         for piece in pieces:
             self.assertTrue(piece.strip())
             self.assertLessEqual(len(piece.split()), 3)
@@ -69,16 +71,14 @@ class OfflineUpstreamTests(SynchronousTestCase):
         When there are earlier turns, then the answer says how many, quotes
         the previous prompt and quotes the prompt.
         """
-        _, completion = run(
-            self.upstream, self.clock, request("Hi", "My name is Ada", "Hello")
-        )
+        _, completion = self.run_chat(request("Hi", "My name is Ada", "Hello"))
         self.assertIn("I see 2 earlier turns in this conversation.", completion.text)
         self.assertIn("\u201cMy name is Ada\u201d", completion.text)
         self.assertIn("You said: \u201cHello\u201d.", completion.text)
 
     def test_oneEarlierTurn(self) -> None:
         """When there is one earlier turn, then it says so in the singular."""
-        _, completion = run(self.upstream, self.clock, request("Hi", "Hello"))
+        _, completion = self.run_chat(request("Hi", "Hello"))
         self.assertIn("I see 1 earlier turn in", completion.text)
 
     def test_noEarlierTurns(self) -> None:
@@ -86,7 +86,7 @@ class OfflineUpstreamTests(SynchronousTestCase):
         When the prompt is the first, then the answer says there are no
         earlier turns.
         """
-        _, completion = run(self.upstream, self.clock, request("Hello"))
+        _, completion = self.run_chat(request("Hello"))
         self.assertEqual(
             completion.text,
             "(offline model) I see no earlier turns in this conversation. "
@@ -95,9 +95,7 @@ class OfflineUpstreamTests(SynchronousTestCase):
 
     def test_systemPrompt(self) -> None:
         """When there is a system prompt, then the answer quotes it."""
-        _, completion = run(
-            self.upstream, self.clock, request("Hello", system="Be brief.")
-        )
+        _, completion = self.run_chat(request("Hello", system="Be brief."))
         self.assertIn("\u201cBe brief.\u201d", completion.text)
 
     def test_completion(self) -> None:
@@ -105,7 +103,7 @@ class OfflineUpstreamTests(SynchronousTestCase):
         The completion names model C{"offline"}, finishes with C{"stop"} and
         counts words as tokens.
         """
-        _, completion = run(self.upstream, self.clock, request("Hello there"))
+        _, completion = self.run_chat(request("Hello there"))
         self.assertEqual((completion.model, completion.finish_reason),
                          ("offline", "stop"))
         assert completion.usage is not None
@@ -119,7 +117,7 @@ class OfflineUpstreamTests(SynchronousTestCase):
     def test_countTokens(self) -> None:
         """When given C{count_tokens}, then usage counts with it."""
         upstream = OfflineUpstream(self.clock, count_tokens=len)
-        _, completion = run(upstream, self.clock, request("Hello"))
+        _, completion = self.run_chat(request("Hello"), upstream)
         assert completion.usage is not None
         self.assertEqual(completion.usage.prompt_tokens, 5)
         self.assertEqual(completion.usage.completion_tokens, len(completion.text))
@@ -129,9 +127,7 @@ class OfflineUpstreamTests(SynchronousTestCase):
         When the answer is longer than C{max_tokens}, then it is cut there
         with finish reason C{"length"}.
         """
-        pieces, completion = run(
-            self.upstream, self.clock, request("Hello", max_tokens=4)
-        )
+        pieces, completion = self.run_chat(request("Hello", max_tokens=4))
         self.assertEqual(completion.text, "(offline model) I see")
         self.assertEqual("".join(pieces), completion.text)
         self.assertEqual(completion.finish_reason, "length")
@@ -185,6 +181,6 @@ class OfflineUpstreamTests(SynchronousTestCase):
         """The same request gives the same pieces."""
         chat = request("Hi", "Hello", system="Be brief.")
         self.assertEqual(
-            run(self.upstream, self.clock, chat),
-            run(OfflineUpstream(Clock(), interval=0.5), self.clock, chat),
+            self.run_chat(chat),
+            self.run_chat(chat, OfflineUpstream(Clock(), interval=0.5)),
         )

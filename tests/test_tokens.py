@@ -167,7 +167,7 @@ class LoadTokenCounterTests(SynchronousTestCase):
             )
         self.assertEqual(self.successResultOf(d).name, FALLBACK_ENCODING)
         [event] = warnings(events)
-        self.assertIn("'llama-3-8b'", event["warning"])
+        self.assertIn("'llama-3-8b'", event["detail"])
 
     def test_noWarning(self) -> None:
         """
@@ -190,7 +190,8 @@ class LoadTokenCounterTests(SynchronousTestCase):
 
     def test_runsInThread(self) -> None:
         """
-        By default, then the encoding is chosen through C{run_in_thread}.
+        When loading, then L{choose_encoding} runs through C{run_in_thread}
+        with the name and the model.
         """
         calls: list[tuple[Any, ...]] = []
 
@@ -223,7 +224,7 @@ class LoadTokenCounterTests(SynchronousTestCase):
             clock.advance(0.1)
         self.assertEqual(self.successResultOf(d).name, FALLBACK_ENCODING)
         [event] = warnings(events)
-        self.assertIn("10s", event["warning"])
+        self.assertIn("10s", event["detail"])
         stuck.callback((None, None))  # the thread ending late does no harm
 
 
@@ -247,7 +248,7 @@ class TokenCounterTests(SynchronousTestCase):
         When text holds a special token's text, then it counts as plain
         text instead of raising.
         """
-        self.assertEqual(self.counter.count("<|endoftext|>"), 6)
+        self.assertEqual(self.counter.count("<|endoftext|>"), 7)
 
     def test_countMessage(self) -> None:
         """

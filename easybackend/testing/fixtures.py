@@ -1,0 +1,88 @@
+"""
+Building blocks for tests of every transport: a real core on a real SQLite
+file in the test's temporary folder, and real loopback listeners.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.trial.unittest import TestCase
+from twisted.web.server import Site
+
+from easybackend.service import ConversationService, CoreSettings
+from easybackend.store import Store
+from easybackend.tokens import TokenCounter, bundled_encoding
+
+_COUNTER: TokenCounter | None = None
+
+
+def token_counter() -> TokenCounter:
+    """The bundled encoding's counter, loaded once per test process."""
+    global _COUNTER
+    if _COUNTER is None:
+        _COUNTER = TokenCounter(bundled_encoding())
+    return _COUNTER
+
+
+async def open_store(testcase: TestCase, path: str | None = None) -> Store:
+    """A store on a fresh SQLite file, closed when the test ends."""
+    if path is None:
+        folder = testcase.mktemp()
+        os.makedirs(folder)
+        path = os.path.join(folder, "easybackend.sqlite3")
+    store = await Store.open(path)
+    testcase.addCleanup(store.close)
+    return store
+
+
+async def make_core(
+    testcase: TestCase,
+    upstream: Any,
+    settings: CoreSettings = CoreSettings(),
+    store: Store | None = None,
+    clock: Any = None,
+) -> ConversationService:
+    """A real conversation service over a real store and C{upstream}."""
+    if clock is None:
+        from twisted.internet import reactor as clock
+    if store is None:
+        store = await open_store(testcase)
+    return ConversationService(
+        store=store,
+        upstream=upstream,
+        tokens=lambda: succeed(token_counter()),
+        clock=clock,
+        settings=settings,
+    )
+
+
+async def listen_tcp(testcase: TestCase, factory: Any) -> int:
+    """Listen with C{factory} on a free loopback port; stop when the test ends."""
+    from twisted.internet import reactor
+
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+    testcase.addCleanup(port.stopListening)
+    return port.getHost().port
+
+
+async def serve_http(testcase: TestCase, core: ConversationService, **web: Any) -> str:
+    """Serve the HTTP transport for C{core}; return its base URL."""
+    from easybackend.transports.web import WebApp, WebSettings
+
+    websocket = web.pop("websocket", None)
+    app = WebApp(core, WebSettings(**web), websocket=websocket)
+    site = Site(app.resource())
+    site.noisy = False
+    port = await listen_tcp(testcase, site)
+    return f"http://127.0.0.1:{port}"
+
+
+def within(d: Deferred[Any], seconds: float = 10.0) -> Deferred[Any]:
+    """C{d}, failing with a timeout after C{seconds} instead of hanging."""
+    from twisted.internet import reactor
+
+    return d.addTimeout(seconds, reactor)

@@ -1,0 +1,363 @@
+"""
+Tests for L{easybackend.service}: the core every transport shares, over a
+real SQLite store and a scripted upstream.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.trial.unittest import TestCase
+
+from easybackend.errors import (
+    BadRequest,
+    NoUpstream,
+    NotFound,
+    PromptTooLong,
+    UpstreamUnavailable,
+)
+from easybackend.model import AskRequest, ChatRequest, Completion, Usage
+from easybackend.offline import OfflineUpstream
+from easybackend.service import CoreSettings
+from easybackend.testing.fixtures import make_core, within
+
+
+class Call:
+    """One call to L{ScriptedUpstream}: the test decides how it goes."""
+
+    def __init__(self, request: ChatRequest, on_piece: Callable[[str], None]) -> None:
+        self.request = request
+        self.on_piece = on_piece
+        self.cancelled = False
+        self.d: Deferred[Completion] = Deferred(self._cancel)
+        self.text = ""
+
+    def _cancel(self, d: Deferred[Completion]) -> None:
+        self.cancelled = True
+
+    def piece(self, text: str) -> None:
+        self.text += text
+        self.on_piece(text)
+
+    def finish(self) -> None:
+        self.d.callback(Completion(self.text, "scripted", "stop", Usage(1, 2, 3)))
+
+    @property
+    def prompts(self) -> list[tuple[str, str]]:
+        return [(m.role, m.content) for m in self.request.messages]
+
+
+class ScriptedUpstream:
+    """An upstream whose every answer the test drives by hand."""
+
+    def __init__(self) -> None:
+        self.calls: list[Call] = []
+        self.called: list[Deferred[Call]] = []
+
+    def stream_chat(self, request: ChatRequest, on_piece: Callable[[str], None]) -> Deferred[Completion]:
+        call = Call(request, on_piece)
+        self.calls.append(call)
+        if self.called:
+            # Tell the test once the core is waiting on the answer.
+            _reactor().callLater(0, self.called.pop(0).callback, call)
+        return call.d
+
+    def next_call(self) -> Deferred[Call]:
+        """Fires with the next call, once it is made."""
+        d: Deferred[Call] = Deferred()
+        self.called.append(d)
+        return within(d)
+
+
+def ask(prompt: str, cid: str = "new", **kw: Any) -> AskRequest:
+    return AskRequest(conversation_id=cid, prompt=prompt, **kw)
+
+
+class AskTests(TestCase):
+    """The core's ask: memory, serialization, cancellation."""
+
+    async def test_new_conversation_stored(self) -> None:
+        """
+        When a client asks on C{new}, then it gets a fresh conversation id
+        and the turn (prompt, then answer) is stored under it.
+        """
+        core = await make_core(self, OfflineUpstream(_reactor(), interval=0))
+        pieces: list[str] = []
+        answer = await core.ask(ask("Hello"), pieces.append)
+        self.assertTrue(answer.conversation_id.startswith("c_"))
+        self.assertEqual("".join(pieces), answer.text)
+        self.assertIn("Hello", answer.text)
+        self.assertEqual(answer.model, "offline")
+        view = await core.get_conversation(answer.conversation_id)
+        self.assertEqual(
+            [(m.role, m.content) for m in view.messages],
+            [("user", "Hello"), ("assistant", answer.text)],
+        )
+        self.assertEqual(view.conversation.leaf_id, answer.message_id)
+
+    async def test_second_ask_sees_first_turn(self) -> None:
+        """
+        When a second ask arrives on a conversation, then the upstream gets
+        the first turn before the new prompt.
+        """
+        upstream = ScriptedUpstream()
+        core = await make_core(self, upstream)
+        call = upstream.next_call()
+        first = core.ask(ask("one", "chat-1"), lambda p: None)
+        (await call).piece("first answer")
+        upstream.calls[0].finish()
+        await first
+        call = upstream.next_call()
+        second = core.ask(ask("two", "chat-1"), lambda p: None)
+        c = await call
+        self.assertEqual(c.prompts, [
+            ("user", "one"), ("assistant", "first answer"), ("user", "two"),
+        ])
+        c.finish()
+        await second
+
+    async def test_first_prompt_is_system_message(self) -> None:
+        """
+        When the server has a first prompt, then a new conversation starts
+        with it as the system message; a request's own system prompt wins,
+        and later turns keep the conversation's.
+        """
+        upstream = ScriptedUpstream()
+        core = await make_core(self, upstream, CoreSettings(first_prompt="Be brief."))
+        call = upstream.next_call()
+        d = core.ask(ask("hi", "a"), lambda p: None)
+        c = await call
+        self.assertEqual(c.prompts[0], ("system", "Be brief."))
+        c.finish()
+        await d
+        call = upstream.next_call()
+        d = core.ask(ask("hi", "b", system_prompt="Speak French."), lambda p: None)
+        c = await call
+        self.assertEqual(c.prompts[0], ("system", "Speak French."))
+        c.finish()
+        await d
+        call = upstream.next_call()
+        d = core.ask(ask("again", "b", system_prompt="ignored"), lambda p: None)
+        c = await call
+        self.assertEqual(c.prompts[0], ("system", "Speak French."))
+        c.finish()
+        await d
+
+    async def test_same_conversation_serialized(self) -> None:
+        """
+        When two asks arrive on one conversation, then the second reaches
+        the upstream only after the first is stored, and sees it.
+        """
+        upstream = ScriptedUpstream()
+        core = await make_core(self, upstream)
+        call = upstream.next_call()
+        first = core.ask(ask("one", "same"), lambda p: None)
+        second = core.ask(ask("two", "same"), lambda p: None)
+        c1 = await call
+        self.assertEqual(len(upstream.calls), 1)
+        call = upstream.next_call()
+        c1.piece("A1")
+        c1.finish()
+        c2 = await call
+        self.assertEqual(c2.prompts[-3:], [("user", "one"), ("assistant", "A1"), ("user", "two")])
+        c2.finish()
+        await first
+        await second
+
+    async def test_different_conversations_concurrent(self) -> None:
+        """
+        When asks arrive on two conversations, then both reach the upstream
+        before either finishes.
+        """
+        upstream = ScriptedUpstream()
+        core = await make_core(self, upstream)
+        calls = [upstream.next_call(), upstream.next_call()]
+        d1 = core.ask(ask("one", "x"), lambda p: None)
+        d2 = core.ask(ask("two", "y"), lambda p: None)
+        c1, c2 = await calls[0], await calls[1]
+        c2.finish()
+        c1.finish()
+        await d1
+        await d2
+
+    async def test_cancel_stores_nothing(self) -> None:
+        """
+        When an ask is cancelled mid-answer, then the upstream call is
+        cancelled, nothing is stored, and the next ask on the conversation
+        goes ahead.
+        """
+        upstream = ScriptedUpstream()
+        core = await make_core(self, upstream)
+        call = upstream.next_call()
+        d = core.ask(ask("one", "cx"), lambda p: None)
+        c = await call
+        c.piece("half")
+        d.cancel()
+        self.assertTrue(c.cancelled)
+        self.failureResultOf(d, CancelledError)
+        with self.assertRaises(NotFound):
+            await core.get_conversation("cx")
+        call = upstream.next_call()
+        d = core.ask(ask("two", "cx"), lambda p: None)
+        c = await call
+        self.assertEqual(c.prompts, [("user", "two")])
+        c.finish()
+        await d
+
+    async def test_cancel_while_waiting(self) -> None:
+        """
+        When an ask waiting behind another on the same conversation is
+        cancelled, then it never reaches the upstream.
+        """
+        upstream = ScriptedUpstream()
+        core = await make_core(self, upstream)
+        call = upstream.next_call()
+        first = core.ask(ask("one", "w"), lambda p: None)
+        second = core.ask(ask("two", "w"), lambda p: None)
+        c = await call
+        second.cancel()
+        self.failureResultOf(second, CancelledError)
+        c.finish()
+        await first
+        self.assertEqual(len(upstream.calls), 1)
+
+    async def test_upstream_failure_stores_nothing(self) -> None:
+        """
+        When the upstream fails mid-answer, then the ask fails with its
+        error and the history is exactly as it was.
+        """
+        upstream = ScriptedUpstream()
+        core = await make_core(self, upstream)
+        call = upstream.next_call()
+        d = core.ask(ask("one", "f"), lambda p: None)
+        (await call).finish()
+        await d
+        call = upstream.next_call()
+        d = core.ask(ask("two", "f"), lambda p: None)
+        c = await call
+        c.piece("partial")
+        c.d.errback(UpstreamUnavailable("upstream answered 500", status=500))
+        with self.assertRaises(UpstreamUnavailable):
+            await d
+        view = await core.get_conversation("f")
+        self.assertEqual([m.content for m in view.messages], ["one", ""])
+
+    async def test_no_upstream(self) -> None:
+        """
+        When no upstream is configured, then every ask fails with
+        L{NoUpstream} saying how to configure one.
+        """
+        core = await make_core(self, None)
+        with self.assertRaises(NoUpstream) as e:
+            await core.ask(ask("hi"), lambda p: None)
+        self.assertIn("OPENAI_API_KEY", str(e.exception))
+
+    async def test_bad_conversation_id(self) -> None:
+        """When the id could escape a folder or is too long, then L{BadRequest}."""
+        core = await make_core(self, ScriptedUpstream())
+        for bad in ["../etc", "a/b", "", "x" * 129, "sp ace"]:
+            with self.assertRaises(BadRequest):
+                await core.ask(ask("hi", bad), lambda p: None)
+            with self.assertRaises(BadRequest):
+                await core.get_conversation(bad)
+
+    async def test_branch_from_parent(self) -> None:
+        """
+        When an ask names an earlier answer as C{parent_id}, then it
+        continues from there, and the conversation's current branch
+        becomes the new one; an unknown parent is L{NotFound}.
+        """
+        core = await make_core(self, OfflineUpstream(_reactor(), interval=0))
+        a1 = await core.ask(ask("one", "br"), lambda p: None)
+        await core.ask(ask("two", "br"), lambda p: None)
+        a3 = await core.ask(ask("two again", "br", parent_id=a1.message_id), lambda p: None)
+        view = await core.get_conversation("br")
+        self.assertEqual(
+            [m.content for m in view.messages if m.role == "user"], ["one", "two again"]
+        )
+        self.assertEqual(view.conversation.leaf_id, a3.message_id)
+        with self.assertRaises(NotFound):
+            await core.ask(ask("x", "br", parent_id="msg_nope"), lambda p: None)
+        with self.assertRaises(NotFound):
+            await core.ask(ask("x", "unknown-conv", parent_id=a1.message_id), lambda p: None)
+
+    async def test_rollback_then_ask(self) -> None:
+        """
+        When the last turn is rolled back, then the next ask continues from
+        the turn before it, and the old answer is still stored.
+        """
+        upstream = ScriptedUpstream()
+        core = await make_core(self, upstream)
+        for prompt in ["one", "two"]:
+            call = upstream.next_call()
+            d = core.ask(ask(prompt, "rb"), lambda p: None)
+            c = await call
+            c.piece(prompt.upper())
+            c.finish()
+            await d
+        view = await core.rollback("rb", 1)
+        self.assertEqual([m.content for m in view.messages], ["one", "ONE"])
+        call = upstream.next_call()
+        d = core.ask(ask("three", "rb"), lambda p: None)
+        c = await call
+        self.assertEqual([p[1] for p in c.prompts], ["one", "ONE", "three"])
+        c.finish()
+        await d
+        with self.assertRaises(BadRequest):
+            await core.rollback("rb", 0)
+        with self.assertRaises(NotFound):
+            await core.rollback("nope", 1)
+
+    async def test_budget_drops_oldest_turns(self) -> None:
+        """
+        When the history does not fit in the context window, then the
+        oldest turns are left out of the request (but stay stored), and a
+        prompt that alone is too long is refused.
+        """
+        upstream = ScriptedUpstream()
+        core = await make_core(self, upstream, CoreSettings(context_tokens=120, answer_tokens=20))
+        for i in range(4):
+            call = upstream.next_call()
+            d = core.ask(ask(f"question {i} " + "word " * 10, "bud"), lambda p: None)
+            c = await call
+            c.piece(f"answer {i} " + "word " * 10)
+            c.finish()
+            await d
+        call = upstream.next_call()
+        d = core.ask(ask("last", "bud"), lambda p: None)
+        c = await call
+        users = [content for role, content in c.prompts if role == "user"]
+        self.assertEqual(users[-1], "last")
+        self.assertLess(len(users), 5)
+        self.assertTrue(users[0].startswith("question 3") or users[0].startswith("question 2"))
+        self.assertEqual(c.prompts[0][0], "user")
+        c.finish()
+        await d
+        with self.assertRaises(PromptTooLong):
+            await core.ask(ask("word " * 200, "bud"), lambda p: None)
+        view = await core.get_conversation("bud")
+        self.assertEqual(len(view.messages), 10)
+
+    async def test_list_and_delete(self) -> None:
+        """
+        When conversations exist, then they are listed newest first, and a
+        deleted one is gone (a second delete is L{NotFound}).
+        """
+        core = await make_core(self, OfflineUpstream(_reactor(), interval=0))
+        for cid in ["l1", "l2", "l3"]:
+            await core.ask(ask("hi", cid), lambda p: None)
+        listed = await core.list_conversations(10, 0)
+        self.assertEqual([c.id for c in listed], ["l3", "l2", "l1"])
+        self.assertEqual([c.id for c in await core.list_conversations(1, 1)], ["l2"])
+        await core.delete_conversation("l2")
+        with self.assertRaises(NotFound):
+            await core.delete_conversation("l2")
+        with self.assertRaises(NotFound):
+            await core.get_conversation("l2")
+
+
+def _reactor() -> Any:
+    from twisted.internet import reactor
+
+    return reactor
