@@ -292,7 +292,7 @@ class Store:
             await store._migrate()
         except BaseException as e:
             store.close()
-            if isinstance(e, store._pool.dbapi.Error):
+            if isinstance(e, (StoreError, store._pool.dbapi.Error)):
                 raise StoreError(f"cannot open the database {path}: {e}") from e
             raise
         return store

@@ -30,11 +30,14 @@ class Call:
         self.request = request
         self.on_piece = on_piece
         self.cancelled = False
+        #: fires when the core cancels this call
+        self.cancel_seen: Deferred[None] = Deferred()
         self.d: Deferred[Completion] = Deferred(self._cancel)
         self.text = ""
 
     def _cancel(self, d: Deferred[Completion]) -> None:
         self.cancelled = True
+        self.cancel_seen.callback(None)
 
     def piece(self, text: str) -> None:
         self.text += text

@@ -630,7 +630,7 @@ class GrpcService(Service):
             "gRPC listening on {address} (port {port}, {workers} workers)",
             address=self.address, port=port, workers=self.workers,
         )
-        self._health_loop = LoopingCall(self._check_ready)
+        self._health_loop = LoopingCall(self.check_health)
         self._health_loop.clock = self.reactor
         self._health_loop.start(self.health_interval, now=True)
 
@@ -672,7 +672,12 @@ class GrpcService(Service):
 
     # readiness
 
-    def _check_ready(self) -> Deferred:
+    def check_health(self) -> Deferred:
+        """
+        Check readiness now and report it to the health service: SERVING
+        when C{service.check_ready()} succeeds, NOT_SERVING otherwise.  Runs
+        every C{health_interval} seconds; fires when done, never fails.
+        """
         d = maybeDeferred(self.service.check_ready)
         d.addTimeout(self.health_interval, self.reactor)
         d.addCallbacks(self._ready, self._not_ready)

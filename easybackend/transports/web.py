@@ -142,6 +142,8 @@ class WebApp:
     @app.handle_errors(MethodNotAllowed)
     def _bad_method(self, request: IRequest, failure: Failure) -> bytes:
         allowed = failure.value.valid_methods or []
+        if request.method == b"OPTIONS":
+            return self._preflight(request, allowed)
         request.setHeader("allow", ", ".join(allowed))
         return self._json(
             request,
@@ -167,10 +169,10 @@ class WebApp:
 
     # -- routes ------------------------------------------------------------
 
-    @app.route("/", branch=True, methods=["OPTIONS"])
-    def preflight(self, request: IRequest) -> bytes:
+    def _preflight(self, request: IRequest, allowed: list[str]) -> bytes:
+        """A CORS preflight's answer, for any route that exists."""
         self._cors(request)
-        request.setHeader("access-control-allow-methods", "GET, POST, DELETE, OPTIONS")
+        request.setHeader("access-control-allow-methods", ", ".join([*allowed, "OPTIONS"]))
         request.setHeader(
             "access-control-allow-headers",
             request.getHeader("access-control-request-headers")

@@ -1,0 +1,225 @@
+"""
+Tests for L{easybackend.transports.web}: the HTTP routes over a real core,
+through real loopback sockets.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import treq
+from twisted.internet.defer import ensureDeferred
+from twisted.trial.unittest import TestCase
+
+from easybackend.errors import (
+    UpstreamError,
+    UpstreamRateLimited,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from easybackend.offline import OfflineUpstream
+from easybackend.service import CoreSettings
+from easybackend.testing.fixtures import make_core, serve_http, within
+from tests.test_service import ScriptedUpstream, _reactor
+
+
+async def call(method: str, url: str, body: Any = None, raw: bytes | None = None,
+               headers: dict[str, list[str]] | None = None) -> tuple[int, Any, Any]:
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    response = await within(treq.request(method, url, data=data, headers=headers, persistent=False))
+    content = await within(treq.content(response))
+    try:
+        decoded = json.loads(content) if content else None
+    except ValueError:
+        decoded = content
+    return response.code, decoded, response.headers
+
+
+class AskRouteTests(TestCase):
+    """POST /ask/{conversation_id} and the conversation routes."""
+
+    async def setUp(self) -> None:
+        self.core = await make_core(self, OfflineUpstream(_reactor(), interval=0))
+        self.url = await serve_http(self, self.core)
+
+    async def test_ask_new_then_memory(self) -> None:
+        """
+        When a client asks on C{new} and then on the returned id, then the
+        second answer sees the first turn, and the conversation lists both.
+        """
+        code, first, headers = await call("POST", self.url + "/ask/new", {"prompt": "Hello"})
+        self.assertEqual(code, 200)
+        self.assertEqual(headers.getRawHeaders("content-type"), ["application/json; charset=utf-8"])
+        self.assertEqual(set(first), {"conversation_id", "message_id", "response",
+                                      "model", "usage", "finish_reason"})
+        self.assertIn("Hello", first["response"])
+        self.assertEqual(first["model"], "offline")
+        cid = first["conversation_id"]
+        code, second, _ = await call("POST", f"{self.url}/ask/{cid}", {"prompt": "Again"})
+        self.assertEqual(code, 200)
+        self.assertEqual(second["conversation_id"], cid)
+        self.assertIn("1 earlier turn", second["response"])
+        code, view, _ = await call("GET", f"{self.url}/conversations/{cid}")
+        self.assertEqual(code, 200)
+        self.assertEqual([m["role"] for m in view["messages"]],
+                         ["user", "assistant", "user", "assistant"])
+        self.assertEqual(view["current_message_id"], second["message_id"])
+
+    async def test_list_rollback_delete(self) -> None:
+        """
+        When a client lists, rolls back and deletes, then each route does
+        what it says, with JSON answers.
+        """
+        for cid in ["a", "b"]:
+            await call("POST", f"{self.url}/ask/{cid}", {"prompt": "one"})
+        await call("POST", f"{self.url}/ask/b", {"prompt": "two"})
+        code, listed, _ = await call("GET", self.url + "/conversations?limit=1")
+        self.assertEqual(code, 200)
+        self.assertEqual([c["id"] for c in listed["conversations"]], ["b"])
+        self.assertEqual(listed["next_offset"], 1)
+        code, view, _ = await call("POST", self.url + "/conversations/b/rollback", {"turns": 1})
+        self.assertEqual(code, 200)
+        self.assertEqual([m["content"] for m in view["messages"] if m["role"] == "user"], ["one"])
+        code, body, _ = await call("DELETE", self.url + "/conversations/a")
+        self.assertEqual((code, body), (200, {"id": "a", "deleted": True}))
+        code, body, _ = await call("GET", self.url + "/conversations/a")
+        self.assertEqual((code, body["error"]["code"]), (404, "not_found"))
+
+    async def test_bad_input(self) -> None:
+        """
+        When a client sends bad input, then it gets a JSON error with the
+        right status, never a 500 or HTML.
+        """
+        cases = [
+            ("POST", "/ask/new", b"{not json", 400, "bad_request"),
+            ("POST", "/ask/new", b"[1, 2]", 400, "bad_request"),
+            ("POST", "/ask/new", b"", 400, "bad_request"),
+            ("POST", "/ask/new", b'{"prompt": 5}', 400, "bad_request"),
+            ("POST", "/ask/new", b'{"prompt": ""}', 400, "bad_request"),
+            ("POST", "/ask/new", b'{"prompt": "x", "temperature": "hot"}', 400, "bad_request"),
+            ("POST", "/ask/new", b'{"prompt": "x", "max_tokens": -1}', 400, "bad_request"),
+            ("POST", "/ask/bad%24id", b'{"prompt": "x"}', 400, "bad_request"),
+            ("POST", "/ask/" + "x" * 129, b'{"prompt": "x"}', 400, "bad_request"),
+            ("POST", "/ask/new", b'\xff\xfe', 400, "bad_request"),
+            ("GET", "/conversations/nope", None, 404, "not_found"),
+            ("GET", "/conversations?limit=abc", None, 400, "bad_request"),
+            ("GET", "/conversations?limit=0", None, 400, "bad_request"),
+            ("POST", "/conversations/nope/rollback", b'{"turns": 1}', 404, "not_found"),
+            ("POST", "/conversations/x/rollback", b'{"turns": "two"}', 400, "bad_request"),
+            ("DELETE", "/conversations/nope", None, 404, "not_found"),
+            ("GET", "/no/such/route", None, 404, "not_found"),
+            ("GET", "/ask/new", None, 405, "method_not_allowed"),
+            ("POST", "/ask/new", b'{"prompt": "x", "parent_id": "msg_nope"}', 404, "not_found"),
+        ]
+        for method, path, raw, status, code in cases:
+            got, body, headers = await call(method, self.url + path, raw=raw)
+            self.assertEqual((got, body["error"]["code"]), (status, code), (method, path, raw))
+            self.assertTrue(body["error"]["message"])
+            self.assertEqual(headers.getRawHeaders("content-type"),
+                             ["application/json; charset=utf-8"])
+
+    async def test_no_escape(self) -> None:
+        """
+        When an id tries to climb out of its place, then the client gets a
+        JSON 4xx and nothing is stored.
+        """
+        for path in ["/ask/..%2Fescape", "/ask/../escape", "/ask/a%2Fb"]:
+            got, body, _ = await call("POST", self.url + path, raw=b'{"prompt": "x"}')
+            self.assertTrue(400 <= got < 500, (path, got))
+            self.assertIn("error", body)
+        _, listed, _ = await call("GET", self.url + "/conversations")
+        self.assertEqual(listed["conversations"], [])
+
+    async def test_body_too_large(self) -> None:
+        """When the body is over the limit, then 413 and nothing stored."""
+        url = await serve_http(self, self.core, max_body=100)
+        code, body, _ = await call("POST", url + "/ask/big", {"prompt": "x" * 200})
+        self.assertEqual((code, body["error"]["code"]), (413, "request_too_large"))
+        code, _, _ = await call("GET", url + "/conversations/big")
+        self.assertEqual(code, 404)
+
+    async def test_prompt_over_budget(self) -> None:
+        """When the prompt alone exceeds the token budget, then 413."""
+        core = await make_core(self, OfflineUpstream(_reactor(), interval=0),
+                               CoreSettings(context_tokens=50, answer_tokens=10))
+        url = await serve_http(self, core)
+        code, body, _ = await call("POST", url + "/ask/new", {"prompt": "word " * 100})
+        self.assertEqual((code, body["error"]["code"]), (413, "prompt_too_long"))
+
+    async def test_cors(self) -> None:
+        """
+        When a browser sends a preflight, then it is allowed; answers carry
+        the allowed origin; an origin not on the list gets no grant.
+        """
+        code, _, headers = await call("OPTIONS", self.url + "/ask/new", headers={
+            "Origin": ["http://app.example"],
+            "Access-Control-Request-Method": ["POST"],
+            "Access-Control-Request-Headers": ["content-type"]})
+        self.assertEqual(code, 204)
+        self.assertEqual(headers.getRawHeaders("access-control-allow-origin"), ["*"])
+        self.assertIn("POST", headers.getRawHeaders("access-control-allow-methods")[0])
+        url = await serve_http(self, self.core, cors_origins=("http://good.example",))
+        _, _, headers = await call("GET", url + "/healthz", headers={"Origin": ["http://good.example"]})
+        self.assertEqual(headers.getRawHeaders("access-control-allow-origin"), ["http://good.example"])
+        _, _, headers = await call("GET", url + "/healthz", headers={"Origin": ["http://evil.example"]})
+        self.assertIsNone(headers.getRawHeaders("access-control-allow-origin"))
+
+    async def test_health(self) -> None:
+        """When asked, then /healthz and /readyz answer 200."""
+        self.assertEqual((await call("GET", self.url + "/healthz"))[:2], (200, {"status": "ok"}))
+        self.assertEqual((await call("GET", self.url + "/readyz"))[0], 200)
+
+
+class UpstreamErrorTests(TestCase):
+    """Upstream failures become statuses a client can act on."""
+
+    async def test_statuses(self) -> None:
+        """
+        When the upstream fails, then the client gets 502 (with the
+        upstream's status), 503 without an upstream, 504 on a timeout.
+        """
+        upstream = ScriptedUpstream()
+        core = await make_core(self, upstream)
+        url = await serve_http(self, core)
+        for error, status, code in [
+            (UpstreamError("bad request upstream", status=400), 502, "upstream_error"),
+            (UpstreamUnavailable("upstream answered 500", status=500), 502, "upstream_unavailable"),
+            (UpstreamRateLimited("slow down", status=429, retry_after=3), 502, "upstream_rate_limited"),
+            (UpstreamTimeout("no answer in 10s"), 504, "upstream_timeout"),
+        ]:
+            next_call = upstream.next_call()
+            d = ensureDeferred(call("POST", url + "/ask/e", {"prompt": "x"}))
+            (await next_call).d.errback(error)
+            got, body, _ = await d
+            self.assertEqual((got, body["error"]["code"]), (status, code))
+            if error.status:
+                self.assertEqual(body["error"]["upstream_status"], error.status)
+        core.upstream = None
+        got, body, _ = await call("POST", url + "/ask/e", {"prompt": "x"})
+        self.assertEqual((got, body["error"]["code"]), (503, "no_upstream"))
+        self.assertIn("--offline", body["error"]["message"])
+        self.assertEqual((await call("GET", url + "/readyz"))[0], 503)
+
+    async def test_disconnect_cancels(self) -> None:
+        """
+        When the client goes away during an ask, then the upstream call is
+        cancelled and nothing is stored.
+        """
+        from twisted.internet import reactor
+        from twisted.internet.protocol import ClientCreator, Protocol
+
+        upstream = ScriptedUpstream()
+        core = await make_core(self, upstream)
+        url = await serve_http(self, core)
+        port = int(url.rsplit(":", 1)[1])
+        next_call = upstream.next_call()
+        client = await ClientCreator(reactor, Protocol).connectTCP("127.0.0.1", port)
+        body = b'{"prompt": "bye"}'
+        client.transport.write(b"POST /ask/gone HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                               % (len(body), body))
+        c = await next_call
+        client.transport.loseConnection()
+        await within(c.cancel_seen)
+        self.assertTrue(c.cancelled)
+        self.assertEqual((await call("GET", url + "/conversations/gone"))[0], 404)

@@ -1,0 +1,835 @@
+"""
+Tests for L{easybackend.transports.websocket}: a real Autobahn client over
+loopback sockets, against a fake conversation service (the transport alone)
+and against the real core with the fake OpenAI upstream (end to end).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+from autobahn.twisted.websocket import (
+    WebSocketClientFactory,
+    WebSocketClientProtocol,
+)
+from klein import Klein
+from twisted.internet import reactor
+from twisted.internet.defer import (
+    Deferred,
+    DeferredQueue,
+    gatherResults,
+    inlineCallbacks,
+)
+from twisted.internet.endpoints import clientFromString, serverFromString
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.server import Site
+
+from easybackend.errors import NotFound, UpstreamTimeout
+from easybackend.model import Answer, AskRequest, Usage
+from easybackend.transports.websocket import (
+    TEXT_END,
+    TEXT_USAGE,
+    ChatServerFactory,
+    ChatServerProtocol,
+    WebSocketFactoryService,
+    make_websocket_factory,
+    websocket_resource,
+)
+
+#: Bound on every wait: a broken test fails, it does not hang.
+TIMEOUT = 5
+
+
+def timeout(d: Deferred) -> Deferred:
+    return d.addTimeout(TIMEOUT, reactor)
+
+
+# --- a fake conversation service ------------------------------------------
+
+
+class FakeAsk:
+    """One call to L{FakeService.ask}, answered by the test."""
+
+    def __init__(self, request: AskRequest, on_piece: Callable[[str], None]):
+        self.request = request
+        self.on_piece = on_piece
+        #: fires when the transport cancels the ask
+        self.cancelled: Deferred[None] = Deferred()
+        self.deferred: Deferred[Answer] = Deferred(self._cancel)
+
+    def _cancel(self, d: Deferred) -> None:
+        self.cancelled.callback(None)
+
+    def answer(self, text: str = "", conversation_id: str | None = None) -> Answer:
+        answer = Answer(
+            conversation_id=conversation_id or self.request.conversation_id,
+            message_id="m-" + (self.request.request_id or "x"),
+            text=text,
+            model="fake-model",
+            usage=Usage(3, 4, 7),
+            finish_reason="stop",
+        )
+        self.deferred.callback(answer)
+        return answer
+
+
+class FakeService:
+    """Records asks; the test plays the core's part."""
+
+    def __init__(self) -> None:
+        self.asks: DeferredQueue[FakeAsk] = DeferredQueue()
+        self.all: list[FakeAsk] = []
+        self.raise_on_ask: Exception | None = None
+
+    def ask(self, request: AskRequest, on_piece: Callable[[str], None]) -> Deferred:
+        if self.raise_on_ask is not None:
+            raise self.raise_on_ask
+        fake = FakeAsk(request, on_piece)
+        self.all.append(fake)
+        self.asks.put(fake)
+        return fake.deferred
+
+    def next_ask(self) -> "Deferred[FakeAsk]":
+        return timeout(self.asks.get())
+
+
+# --- a real Autobahn client ------------------------------------------------
+
+
+class Client(WebSocketClientProtocol):
+    """Queues every message it gets; C{closed} fires with the close code."""
+
+    answer_pings = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: DeferredQueue[Any] = DeferredQueue()
+        self.closed: Deferred[tuple[bool, int | None, str | None]] = Deferred()
+
+    def onOpen(self) -> None:
+        self.factory.opened.callback(self)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        text = payload.decode("utf-8")
+        try:
+            self.messages.put(json.loads(text))
+        except ValueError:
+            self.messages.put(text)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if not self.factory.opened.called:
+            self.factory.opened.errback(ConnectionError(reason))
+        self.closed.callback((wasClean, code, reason))
+
+    def onPing(self, payload: bytes) -> None:
+        if self.answer_pings:
+            super().onPing(payload)
+
+    def send_json(self, message: Any) -> None:
+        self.sendMessage(json.dumps(message).encode("utf-8"))
+
+    def send_text(self, text: str) -> None:
+        self.sendMessage(text.encode("utf-8"))
+
+    def next(self) -> Deferred:
+        return timeout(self.messages.get())
+
+    @inlineCallbacks
+    def barrier(self):
+        """
+        Wait until the server handled every message sent before: its reply
+        to a bad message comes after theirs, since it reads in order.
+        """
+        self.send_json({"type": "barrier"})
+        message = yield self.next()
+        assert message["type"] == "error" and "barrier" in message["message"], message
+        return None
+
+
+class ServerProtocol(ChatServerProtocol):
+    """The server's protocol, telling the test when its connection is gone."""
+
+    def connectionLost(self, reason):
+        super().connectionLost(reason)
+        self.factory.lost.append(reason)
+        self.factory.lost_events.put(self)
+
+
+class WebSocketTestMixin:
+    """Start a server on loopback; connect clients; clean up after."""
+
+    service: Any
+
+    def start_server(self, service: Any, **options: Any) -> ChatServerFactory:
+        factory = make_websocket_factory(service, **options)
+        self.use_server_factory(factory)
+        return factory
+
+    def use_server_factory(self, factory: ChatServerFactory) -> None:
+        factory.protocol = ServerProtocol
+        factory.lost = []
+        factory.lost_events = DeferredQueue()
+        self.server_factory = factory
+        self.server_connections = 0
+        self.clients: list[Client] = []
+
+    @inlineCallbacks
+    def listen(self, factory_or_site: Any):
+        port = yield serverFromString(
+            reactor, "tcp:0:interface=127.0.0.1"
+        ).listen(factory_or_site)
+        self.port = port
+        self.addCleanup(self._stop, port)
+        return port.getHost().port
+
+    @inlineCallbacks
+    def _stop(self, port):
+        closing = []
+        for client in self.clients:
+            if not client.closed.called:
+                client.sendClose()
+            closing.append(client.closed)
+        if closing:
+            yield timeout(gatherResults(closing))
+        # Every server side connection must be gone too.
+        while len(self.server_factory.lost) < len(self.clients):
+            yield timeout(self.server_factory.lost_events.get())
+        yield port.stopListening()
+
+    @inlineCallbacks
+    def connect(self, port: int, path: str = "", client_class=Client):
+        factory = WebSocketClientFactory(f"ws://127.0.0.1:{port}{path}")
+        factory.protocol = client_class
+        factory.opened = Deferred()
+        endpoint = clientFromString(reactor, f"tcp:127.0.0.1:{port}")
+        yield endpoint.connect(factory)
+        client = yield timeout(factory.opened)
+        self.clients.append(client)
+        return client
+
+    @inlineCallbacks
+    def server_and_client(self, **options: Any):
+        self.service = FakeService()
+        self.start_server(self.service, **options)
+        port = yield self.listen(self.server_factory)
+        client = yield self.connect(port)
+        return client
+
+
+def ask(ask_id: Any, conversation_id: str = "new", prompt: str = "hi", **more):
+    return {
+        "type": "ask", "id": ask_id, "conversation_id": conversation_id,
+        "prompt": prompt, **more,
+    }
+
+
+# --- the transport alone, with a fake service --------------------------------
+
+
+class JSONProtocolTests(WebSocketTestMixin, TestCase):
+    @inlineCallbacks
+    def test_ask_streams_deltas_then_done(self):
+        client = yield self.server_and_client()
+        client.send_json(ask("a1", "conv-1", "Hello $ there"))
+        fake = yield self.service.next_ask()
+        self.assertEqual(fake.request.conversation_id, "conv-1")
+        self.assertEqual(fake.request.prompt, "Hello $ there")
+        self.assertEqual(fake.request.request_id, "a1")
+        fake.on_piece("Hel")
+        fake.on_piece("lo ✓")
+        fake.answer("Hello ✓")
+        self.assertEqual(
+            (yield client.next()), {"type": "delta", "id": "a1", "text": "Hel"}
+        )
+        self.assertEqual(
+            (yield client.next()), {"type": "delta", "id": "a1", "text": "lo ✓"}
+        )
+        self.assertEqual(
+            (yield client.next()),
+            {
+                "type": "done", "id": "a1", "conversation_id": "conv-1",
+                "message_id": "m-a1", "model": "fake-model",
+                "usage": {"prompt_tokens": 3, "completion_tokens": 4,
+                          "total_tokens": 7},
+                "finish_reason": "stop",
+            },
+        )
+        self.assertEqual(self._server_in_flight(), {})
+
+    def _server_in_flight(self) -> dict:
+        (protocol,) = self.server_factory.connections
+        return protocol.in_flight
+
+    @inlineCallbacks
+    def test_ask_options(self):
+        """The optional fields reach the core, like over HTTP."""
+        client = yield self.server_and_client()
+        client.send_json(ask(
+            7, "new", "p", system_prompt="be brief", model="m1",
+            temperature=0.5, max_tokens=10, parent_id="msg-3",
+        ))
+        fake = yield self.service.next_ask()
+        self.assertEqual(
+            fake.request,
+            AskRequest(
+                conversation_id="new", prompt="p", system_prompt="be brief",
+                model="m1", temperature=0.5, max_tokens=10, parent_id="msg-3",
+                request_id="7",
+            ),
+        )
+        fake.answer("x", conversation_id="c-new")
+        done = yield client.next()
+        self.assertEqual((done["type"], done["id"]), ("done", 7))
+        self.assertEqual(done["conversation_id"], "c-new")
+
+    @inlineCallbacks
+    def test_several_asks_in_flight(self):
+        """Asks run at once on one socket, told apart by id."""
+        client = yield self.server_and_client()
+        for i in range(3):
+            client.send_json(ask(f"q{i}", f"c{i}", f"prompt {i}"))
+        fakes = []
+        for i in range(3):
+            fakes.append((yield self.service.next_ask()))
+        self.assertEqual(set(self._server_in_flight()), {"q0", "q1", "q2"})
+        fakes[2].on_piece("two")
+        fakes[0].on_piece("zero")
+        fakes[1].on_piece("one")
+        fakes[1].answer("one")
+        fakes[2].answer("two")
+        fakes[0].answer("zero")
+        got = []
+        for _ in range(6):
+            got.append((yield client.next()))
+        self.assertEqual(
+            [(m["type"], m["id"]) for m in got],
+            [("delta", "q2"), ("delta", "q0"), ("delta", "q1"),
+             ("done", "q1"), ("done", "q2"), ("done", "q0")],
+        )
+        self.assertEqual([m["text"] for m in got[:3]], ["two", "zero", "one"])
+        self.assertEqual(self._server_in_flight(), {})
+
+    @inlineCallbacks
+    def test_id_reusable_after_done(self):
+        client = yield self.server_and_client()
+        for round in range(2):
+            client.send_json(ask("same"))
+            fake = yield self.service.next_ask()
+            fake.answer("ok")
+            self.assertEqual((yield client.next())["type"], "done")
+
+    @inlineCallbacks
+    def test_cancel(self):
+        """
+        A cancel cancels that ask in the core, which answers C{cancelled};
+        the other asks and the connection go on.
+        """
+        client = yield self.server_and_client()
+        client.send_json(ask("keep", "c1"))
+        client.send_json(ask("stop", "c2"))
+        keep = yield self.service.next_ask()
+        stop = yield self.service.next_ask()
+        stop.on_piece("partial")
+        self.assertEqual(
+            (yield client.next()), {"type": "delta", "id": "stop", "text": "partial"}
+        )
+        client.send_json({"type": "cancel", "id": "stop"})
+        yield timeout(stop.cancelled)
+        self.assertEqual((yield client.next()), {"type": "cancelled", "id": "stop"})
+        # A piece the core would still pass on is dropped.
+        stop.on_piece("late")
+        keep.on_piece("k")
+        keep.answer("k")
+        self.assertEqual((yield client.next())["id"], "keep")
+        self.assertEqual((yield client.next())["type"], "done")
+        self.assertFalse(keep.cancelled.called)
+
+    @inlineCallbacks
+    def test_cancel_unknown_id_is_ignored(self):
+        """
+        Cancelling an ask that already ended (or never was) is not an
+        error: the ask already got its final message.
+        """
+        client = yield self.server_and_client()
+        client.send_json(ask("a"))
+        fake = yield self.service.next_ask()
+        fake.answer("x")
+        self.assertEqual((yield client.next())["type"], "done")
+        client.send_json({"type": "cancel", "id": "a"})
+        client.send_json({"type": "cancel", "id": "never"})
+        yield client.barrier()
+        self.assertEqual(client.messages.pending, [])
+
+    @inlineCallbacks
+    def test_core_errors_use_their_codes(self):
+        client = yield self.server_and_client()
+        client.send_json(ask("nf", parent_id="nope"))
+        client.send_json(ask("slow", "c2"))
+        nf = yield self.service.next_ask()
+        slow = yield self.service.next_ask()
+        nf.deferred.errback(NotFound("no message nope"))
+        slow.deferred.errback(UpstreamTimeout("upstream took too long"))
+        self.assertEqual(
+            (yield client.next()),
+            {"type": "error", "id": "nf", "code": "not_found",
+             "message": "no message nope"},
+        )
+        self.assertEqual(
+            (yield client.next()),
+            {"type": "error", "id": "slow", "code": "upstream_timeout",
+             "message": "upstream took too long"},
+        )
+
+    @inlineCallbacks
+    def test_unexpected_failure_is_logged_and_reported(self):
+        client = yield self.server_and_client()
+        client.send_json(ask("boom"))
+        fake = yield self.service.next_ask()
+        fake.deferred.errback(ZeroDivisionError("oops"))
+        self.assertEqual(
+            (yield client.next()),
+            {"type": "error", "id": "boom", "code": "internal",
+             "message": "internal error"},
+        )
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        # A core that raises instead of failing its Deferred: the same.
+        self.service.raise_on_ask = KeyError("k")
+        client.send_json(ask("raise"))
+        self.assertEqual(
+            (yield client.next()),
+            {"type": "error", "id": "raise", "code": "internal",
+             "message": "internal error"},
+        )
+        self.assertEqual(len(self.flushLoggedErrors(KeyError)), 1)
+        self.assertEqual(self._server_in_flight(), {})
+
+    @inlineCallbacks
+    def test_failure_in_the_protocol_is_logged_and_reported(self):
+        """Even a bug in the transport itself gets the client an error."""
+        client = yield self.server_and_client()
+        (protocol,) = self.server_factory.connections
+
+        def broken(message):
+            raise RuntimeError("bug")
+
+        protocol._on_json = broken
+        client.send_json(ask("x"))
+        self.assertEqual(
+            (yield client.next()),
+            {"type": "error", "id": None, "code": "internal",
+             "message": "internal error"},
+        )
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        protocol._on_text = broken
+        client.send_text("<|ask|>$c$p")
+        self.assertEqual((yield client.next()), "<|err|>$internal error")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+class BadInputTests(WebSocketTestMixin, TestCase):
+    """Each bad input gets an error, and the connection stays usable."""
+
+    @inlineCallbacks
+    def check(self, send: Callable[[Client], None], expected_id: Any,
+              message_part: str):
+        client = yield self.server_and_client()
+        send(client)
+        error = yield client.next()
+        self.assertEqual(error["type"], "error", error)
+        self.assertEqual(error["code"], "bad_request", error)
+        self.assertEqual(error["id"], expected_id, error)
+        self.assertIn(message_part, error["message"])
+        # Still usable:
+        client.send_json(ask("after"))
+        fake = yield self.service.next_ask()
+        fake.answer("fine")
+        self.assertEqual((yield client.next())["type"], "done")
+        self.assertEqual(self.server_factory.lost, [])
+        return error
+
+    def test_binary_frame(self):
+        return self.check(
+            lambda c: c.sendMessage(b"\x00\x01", isBinary=True), None, "binary"
+        )
+
+    def test_invalid_json(self):
+        return self.check(
+            lambda c: c.send_text('{"type": "ask", "id": '), None, "invalid JSON"
+        )
+
+    def test_json_not_an_object(self):
+        return self.check(lambda c: c.send_text("[1, 2]"), None, "JSON object")
+
+    def test_unknown_type(self):
+        return self.check(
+            lambda c: c.send_json({"type": "dance", "id": "d"}), "d", "dance"
+        )
+
+    def test_missing_type(self):
+        return self.check(lambda c: c.send_json({"id": "t"}), "t", '"type"')
+
+    def test_missing_id(self):
+        m = ask(None)
+        del m["id"]
+        return self.check(lambda c: c.send_json(m), None, '"id"')
+
+    def test_mistyped_id(self):
+        return self.check(lambda c: c.send_json(ask(True)), None, '"id"')
+
+    def test_empty_id(self):
+        return self.check(lambda c: c.send_json(ask("")), None, '"id"')
+
+    def test_cancel_without_id(self):
+        return self.check(
+            lambda c: c.send_json({"type": "cancel", "id": [1]}), None, '"id"'
+        )
+
+    def test_missing_conversation_id(self):
+        m = ask("m")
+        del m["conversation_id"]
+        return self.check(lambda c: c.send_json(m), "m", '"conversation_id"')
+
+    def test_bad_conversation_id(self):
+        return self.check(
+            lambda c: c.send_json(ask("m", "../etc")), "m", "conversation id"
+        )
+
+    def test_missing_prompt(self):
+        m = ask("m")
+        del m["prompt"]
+        return self.check(lambda c: c.send_json(m), "m", '"prompt"')
+
+    def test_mistyped_prompt(self):
+        return self.check(
+            lambda c: c.send_json(ask("m", prompt=42)), "m", '"prompt"'
+        )
+
+    def test_mistyped_temperature(self):
+        return self.check(
+            lambda c: c.send_json(ask("m", temperature="hot")), "m",
+            '"temperature"',
+        )
+
+    def test_mistyped_max_tokens(self):
+        return self.check(
+            lambda c: c.send_json(ask("m", max_tokens=1.5)), "m", '"max_tokens"'
+        )
+
+    @inlineCallbacks
+    def test_duplicate_id_in_flight(self):
+        """
+        A second ask with the id of one in flight is refused; the first
+        goes on.
+        """
+        client = yield self.server_and_client()
+        client.send_json(ask("dup", "c1"))
+        first = yield self.service.next_ask()
+        client.send_json(ask("dup", "c2"))
+        error = yield client.next()
+        self.assertEqual(
+            (error["type"], error["id"], error["code"]),
+            ("error", "dup", "bad_request"),
+        )
+        self.assertIn("already in flight", error["message"])
+        self.assertEqual(len(self.service.all), 1)
+        first.on_piece("still here")
+        first.answer("still here")
+        self.assertEqual((yield client.next())["text"], "still here")
+        self.assertEqual((yield client.next())["type"], "done")
+
+    @inlineCallbacks
+    def test_message_over_the_limit_closes_1009(self):
+        client = yield self.server_and_client(max_message_size=1000)
+        client.send_json(ask("small", prompt="x" * 500))
+        fake = yield self.service.next_ask()
+        client.send_json(ask("big", prompt="x" * 2000))
+        was_clean, code, reason = yield timeout(client.closed)
+        self.assertEqual(code, 1009)
+        # Closing cancelled the ask in flight.
+        yield timeout(fake.cancelled)
+
+
+class TextProtocolTests(WebSocketTestMixin, TestCase):
+    @inlineCallbacks
+    def test_ask(self):
+        """
+        C{<|ask|>$id$prompt} gets the pieces as text frames, then
+        C{<|end|>}; the prompt keeps its C{$}.
+        """
+        client = yield self.server_and_client()
+        client.send_text("<|ask|>$conv-9$what is $5 + $6?")
+        fake = yield self.service.next_ask()
+        self.assertEqual(fake.request.conversation_id, "conv-9")
+        self.assertEqual(fake.request.prompt, "what is $5 + $6?")
+        fake.on_piece("eleven")
+        fake.on_piece(" dollars")
+        fake.answer("eleven dollars")
+        self.assertEqual((yield client.next()), "eleven")
+        self.assertEqual((yield client.next()), " dollars")
+        self.assertEqual((yield client.next()), TEXT_END)
+
+    @inlineCallbacks
+    def test_failure(self):
+        client = yield self.server_and_client()
+        client.send_text("<|ask|>$c$p")
+        fake = yield self.service.next_ask()
+        fake.deferred.errback(UpstreamTimeout("upstream took too long"))
+        self.assertEqual((yield client.next()), "<|err|>$upstream took too long")
+
+    @inlineCallbacks
+    def test_bad_fields(self):
+        client = yield self.server_and_client()
+        client.send_text("<|ask|>$../x$p")
+        self.assertTrue((yield client.next()).startswith("<|err|>$conversation id"))
+        client.send_text("<|ask|>$c$   ")
+        self.assertEqual((yield client.next()), '<|err|>$"prompt" must not be empty')
+
+    @inlineCallbacks
+    def test_usage_hint(self):
+        """Any other text gets C{<|err|>$} and a usage hint."""
+        client = yield self.server_and_client()
+        for text in ["hello", "<|ask|>", "<|ask|>$only-id", "<|ask|>no-dollar",
+                     "<|end|>", ""]:
+            client.send_text(text)
+            self.assertEqual((yield client.next()), f"<|err|>${TEXT_USAGE}", text)
+        self.assertEqual(self.service.all, [])
+
+    @inlineCallbacks
+    def test_text_asks_run_one_after_the_other(self):
+        """
+        Text frames carry no id: a second text ask on the connection waits
+        for the first to end, so that their pieces do not interleave.
+        """
+        client = yield self.server_and_client()
+        client.send_text("<|ask|>$c1$first")
+        client.send_text("<|ask|>$c2$second")
+        first = yield self.service.next_ask()
+        yield client.barrier()
+        self.assertEqual(len(self.service.all), 1)
+        first.answer("1")
+        self.assertEqual((yield client.next()), TEXT_END)
+        second = yield self.service.next_ask()
+        self.assertEqual(second.request.prompt, "second")
+        second.answer("2")
+        self.assertEqual((yield client.next()), TEXT_END)
+
+    @inlineCallbacks
+    def test_both_protocols_on_one_socket(self):
+        client = yield self.server_and_client()
+        client.send_text("<|ask|>$c1$text")
+        client.send_json(ask("j", "c2"))
+        text = yield self.service.next_ask()
+        json_ask = yield self.service.next_ask()
+        json_ask.on_piece("J")
+        text.on_piece("T")
+        self.assertEqual((yield client.next()), {"type": "delta", "id": "j", "text": "J"})
+        self.assertEqual((yield client.next()), "T")
+
+
+class DisconnectTests(WebSocketTestMixin, TestCase):
+    @inlineCallbacks
+    def test_abort_cancels_everything_in_flight(self):
+        """
+        A client that vanishes (TCP reset, no closing handshake) cancels
+        its JSON asks, its running text ask and its queued text ask.
+        """
+        client = yield self.server_and_client()
+        client.send_json(ask("a", "c1"))
+        client.send_json(ask("b", "c2"))
+        client.send_text("<|ask|>$c3$x")
+        client.send_text("<|ask|>$c4$queued")
+        fakes = []
+        for _ in range(3):
+            fakes.append((yield self.service.next_ask()))
+        fakes[0].on_piece("piece")
+        yield client.next()
+        client.transport.abortConnection()
+        yield timeout(gatherResults([f.cancelled for f in fakes]))
+        yield timeout(self.server_factory.lost_events.get())
+        self.assertEqual(len(self.service.all), 3)
+        # Pieces after the close go nowhere, and raise nothing.
+        fakes[1].on_piece("too late")
+        self.assertEqual(self.server_factory.connections, set())
+
+    @inlineCallbacks
+    def test_clean_close_cancels(self):
+        client = yield self.server_and_client()
+        client.send_json(ask("a"))
+        fake = yield self.service.next_ask()
+        client.sendClose()
+        yield timeout(fake.cancelled)
+        yield timeout(client.closed)
+
+    @inlineCallbacks
+    def test_dead_peer_dropped_by_auto_ping(self):
+        """
+        A peer that stops answering pings is dropped after the timeout, and
+        its asks cancelled.
+        """
+
+        class Deaf(Client):
+            answer_pings = False
+
+        self.service = FakeService()
+        self.start_server(
+            self.service, auto_ping_interval=0.05, auto_ping_timeout=0.05
+        )
+        port = yield self.listen(self.server_factory)
+        client = yield self.connect(port, client_class=Deaf)
+        client.send_json(ask("a"))
+        fake = yield self.service.next_ask()
+        yield timeout(fake.cancelled)
+        was_clean, code, reason = yield timeout(client.closed)
+        self.assertFalse(was_clean)
+
+    @inlineCallbacks
+    def test_live_peer_kept_by_auto_ping(self):
+        """A peer that answers pings stays, across several pings."""
+        self.service = FakeService()
+        factory = self.start_server(
+            self.service, auto_ping_interval=0.02, auto_ping_timeout=1
+        )
+        pongs: DeferredQueue = DeferredQueue()
+        original = ServerProtocol.onPong
+
+        def onPong(protocol, payload):
+            pongs.put(payload)
+            return original(protocol, payload)
+
+        factory.protocol = type("P", (ServerProtocol,), {"onPong": onPong})
+        port = yield self.listen(factory)
+        client = yield self.connect(port)
+        for _ in range(3):
+            yield timeout(pongs.get())
+        client.send_json(ask("a"))
+        (yield self.service.next_ask()).answer("x")
+        self.assertEqual((yield client.next())["type"], "done")
+
+    @inlineCallbacks
+    def test_stopping_the_port_closes_connections(self):
+        """
+        When the last port using the factory stops, the open connections
+        close with 1001 (going away) and their asks are cancelled (the
+        client hears C{cancelled} first).
+        """
+        client = yield self.server_and_client()
+        client.send_json(ask("a"))
+        fake = yield self.service.next_ask()
+        yield self.port.stopListening()
+        yield timeout(fake.cancelled)
+        self.assertEqual((yield client.next()), {"type": "cancelled", "id": "a"})
+        was_clean, code, reason = yield timeout(client.closed)
+        self.assertEqual(code, 1001)
+
+    @inlineCallbacks
+    def test_stopping_the_factory_service_closes_connections(self):
+        """The same for a factory only mounted on the HTTP site."""
+        from twisted.web.resource import Resource
+
+        self.service = FakeService()
+        factory = self.start_server(self.service)
+        service = WebSocketFactoryService(factory)
+        service.startService()
+        root = Resource()
+        root.putChild(b"ws", websocket_resource(factory))
+        port = yield self.listen(Site(root))
+        client = yield self.connect(port, "/ws")
+        client.send_text("<|ask|>$c$x")
+        fake = yield self.service.next_ask()
+        service.stopService()
+        yield timeout(fake.cancelled)
+        self.assertEqual((yield client.next()), "<|err|>$cancelled")
+        was_clean, code, reason = yield timeout(client.closed)
+        self.assertEqual(code, 1001)
+
+
+class HTTPMountTests(WebSocketTestMixin, TestCase):
+    @inlineCallbacks
+    def check_site(self, site: Site):
+        port = yield self.listen(site)
+        client = yield self.connect(port, "/ws")
+        client.send_json(ask("h", "c"))
+        fake = yield self.service.next_ask()
+        fake.on_piece("via http")
+        fake.answer("via http")
+        self.assertEqual((yield client.next())["text"], "via http")
+        self.assertEqual((yield client.next())["type"], "done")
+        client.send_text("<|ask|>$c$old")
+        (yield self.service.next_ask()).answer("")
+        self.assertEqual((yield client.next()), TEXT_END)
+
+    def test_klein_branch_route(self):
+        """Mounted as the lead's Klein app does: a route returning it."""
+        self.service = FakeService()
+        factory = self.start_server(self.service)
+        resource = websocket_resource(factory)
+        app = Klein()
+
+        @app.route("/ws", branch=True)
+        def ws(request):
+            return resource
+
+        @app.route("/healthz")
+        def healthz(request):
+            return "ok"
+
+        return self.check_site(Site(app.resource()))
+
+    def test_put_child(self):
+        from twisted.web.resource import Resource
+
+        self.service = FakeService()
+        factory = self.start_server(self.service)
+        root = Resource()
+        root.putChild(b"ws", websocket_resource(factory))
+        return self.check_site(Site(root))
+
+
+class FactoryTests(SynchronousTestCase):
+    def test_options(self):
+        service = object()
+        factory = make_websocket_factory(
+            service, url="ws://example.com:9001", max_message_size=4096,
+            auto_ping_interval=7, auto_ping_timeout=3,
+            allowed_origins=["https://app.example.com"], reactor=reactor,
+        )
+        self.assertIsInstance(factory, ChatServerFactory)
+        self.assertIs(factory.service, service)
+        self.assertIs(factory.protocol, ChatServerProtocol)
+        self.assertEqual(factory.maxMessagePayloadSize, 4096)
+        self.assertEqual(factory.maxFramePayloadSize, 4096)
+        self.assertEqual(factory.autoPingInterval, 7)
+        self.assertEqual(factory.autoPingTimeout, 3)
+        self.assertEqual(factory.allowedOrigins, ["https://app.example.com"])
+        self.assertFalse(factory.failByDrop)
+
+    def test_defaults(self):
+        factory = make_websocket_factory(object())
+        self.assertEqual(factory.maxMessagePayloadSize, 1024 * 1024)
+        self.assertEqual(factory.autoPingInterval, 20)
+        self.assertEqual(factory.autoPingTimeout, 10)
+        self.assertEqual(factory.allowedOrigins, ["*"])
+
+    def test_bad_options(self):
+        self.assertRaises(
+            ValueError, make_websocket_factory, object(), max_message_size=-1
+        )
+        self.assertRaises(
+            ValueError, make_websocket_factory, object(), auto_ping_timeout=-1
+        )
+
+    def test_factory_service_counts(self):
+        """
+        The service uses doStart/doStop: the factory stops only when its
+        last user (a port, the resource's service) stops.
+        """
+        factory = make_websocket_factory(object())
+        service = WebSocketFactoryService(factory)
+        factory.doStart()  # a port
+        service.startService()
+        self.assertEqual(factory.numPorts, 2)
+        service.stopService()
+        self.assertEqual(factory.numPorts, 1)
+        factory.doStop()
+        self.assertEqual(factory.numPorts, 0)
