@@ -124,6 +124,10 @@ class ConversationService:
         self.settings = settings
         self._locks: dict[str, DeferredLock] = {}
 
+    def warm_up(self) -> None:
+        """Start loading what the first ask needs, so that it does not wait."""
+        self._tokens().addErrback(lambda f: None)
+
     # -- asking ------------------------------------------------------------
 
     def ask(

@@ -12,7 +12,7 @@ import os
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
@@ -79,7 +79,7 @@ class EasyBackend(MultiService):
 
     def startService(self) -> None:
         # Children are added once the store is open; start them then.
-        IService.startService(self)  # type: ignore[arg-type]
+        Service.startService(self)
         d = ensureDeferred(self._start())
         d.addCallbacks(self.ready.callback, self._failed)
 
@@ -88,6 +88,8 @@ class EasyBackend(MultiService):
 
         self.store = await Store.open(self.settings.db, reactor=self.reactor)
         self.core = build_core(self.settings, self.store, self.reactor)
+        # Load the tokenizer now, off the reactor thread, not at the first ask.
+        self.core.warm_up()
         self.upstream = self.core.upstream
         for service in build_listeners(self.settings, self.core, self.reactor):
             service.setServiceParent(self)
