@@ -200,6 +200,9 @@ _MESSAGE_COLUMNS = (
     "id, conversation_id, parent_id, role, content, tokens, created, model,"
     " finish_reason, prompt_tokens, completion_tokens, total_tokens"
 )
+_PATH_MESSAGE_COLUMNS = ", ".join(
+    "m." + name.strip() for name in _MESSAGE_COLUMNS.split(",")
+)
 #: The path from a message up to its root, with each message's depth
 #: (0: the leaf).  One primary-key lookup per step.
 _PATH = """
@@ -247,9 +250,9 @@ def _message(row: Sequence[Any]) -> Message:
 @define
 class Store:
     """
-    The conversations database.  Every method returns a L{Deferred} that
-    fires on the reactor thread; the work runs on the pool's one thread.
-    Build it with L{Store.open}.
+    The conversations database.  Every query returns a L{Deferred} that
+    fires on the reactor thread; the work runs on the pool's one thread,
+    one short transaction per call.  Build it with L{Store.open}.
     """
 
     _pool: adbapi.ConnectionPool
@@ -388,10 +391,9 @@ class Store:
     def _branch(self, txn: Any, cid: str, leaf_id: str | None) -> list[Message]:
         if leaf_id is None:
             return []
-        columns = ", ".join(f"m.{c.strip()}" for c in _MESSAGE_COLUMNS.split(","))
         self._execute(
             txn,
-            _PATH + f"SELECT {columns} FROM path"
+            _PATH + f"SELECT {_PATH_MESSAGE_COLUMNS} FROM path"
             " JOIN messages AS m ON m.id = path.id ORDER BY path.depth DESC",
             (leaf_id, cid),
         )

@@ -87,7 +87,10 @@ class FakeService:
             raise self.raise_on_ask
         fake = FakeAsk(request, on_piece)
         self.all.append(fake)
-        self.asks.put(fake)
+        # Hand it to the test on the next turn of the reactor, not from
+        # inside this call: a test that answers at once would otherwise run
+        # before the transport has even got the Deferred back.
+        reactor.callLater(0, self.asks.put, fake)
         return fake.deferred
 
     def next_ask(self) -> "Deferred[FakeAsk]":

@@ -320,11 +320,12 @@ class ChatServerProtocol(WebSocketServerProtocol):
                 )
                 self._send_text(f"{TEXT_ERR}$internal error")
 
-        self._start(
-            ask,
-            lambda: self._text_lock.run(self._service_ask, request, on_piece),
-            done, failed,
-        )
+        def run() -> "Deferred[Answer]":
+            if not ask.active:  # cancelled while it waited for the lock
+                raise CancelledError()
+            return self._service_ask(request, on_piece)
+
+        self._start(ask, lambda: self._text_lock.run(run), done, failed)
 
     # --- asks --------------------------------------------------------------
 
@@ -373,15 +374,20 @@ class ChatServerProtocol(WebSocketServerProtocol):
         )
 
     def cancel_all(self) -> None:
-        """Cancel every ask in flight on this connection."""
-        for ask in list(self.in_flight.values()):
+        """
+        Cancel every ask in flight on this connection, the newest first, so
+        that a queued text ask never starts when the one before it ends.
+        """
+        asks = list(self.in_flight.values())
+        self.in_flight.clear()
+        for ask in asks:
             ask.active = False
+        for ask in reversed(asks):
             if ask.deferred is not None:
                 try:
                     ask.deferred.cancel()
                 except Exception:
                     log.failure("unexpected failure cancelling a WebSocket ask")
-        self.in_flight.clear()
 
     # --- sending -----------------------------------------------------------
 
@@ -447,7 +453,12 @@ class ChatServerFactory(WebSocketServerFactory):
             try:
                 protocol.cancel_all()
                 if protocol.state == WebSocketProtocol.STATE_OPEN:
-                    protocol.sendClose(code, reason)
+                    # sendClose() refuses 1001, which is the right code for
+                    # a server going away; sendCloseFrame() does not.
+                    protocol.sendCloseFrame(
+                        code=code, reasonUtf8=reason.encode("utf-8")[:123],
+                        isReply=False,
+                    )
             except Exception:
                 log.failure("unexpected failure closing a WebSocket connection")
 
