@@ -45,19 +45,27 @@ class Options(usage.Options):
     ]
 
     def postOptions(self) -> None:
+        """
+        Validate every setting; a bad one stops C{twistd} with one line on
+        stderr naming it (L{SystemExit}), not the whole usage text.
+        """
         try:
-            self["settings"] = settings_from(self, os.environ)
+            self["settings"] = settings = settings_from(self, os.environ)
+            check_endpoints(settings)
         except ConfigError as e:
-            raise usage.UsageError(str(e)) from None
-        from twisted.internet import reactor
+            raise SystemExit(f"easybackend: {e}") from None
 
-        for name in ("http", "websocket"):
-            try:
-                serverFromString(reactor, getattr(self["settings"], name))
-            except (ValueError, KeyError, TypeError) as e:
-                raise usage.UsageError(
-                    f"--{name}: invalid endpoint {getattr(self['settings'], name)!r}: {e}"
-                ) from None
+
+def check_endpoints(settings: Settings) -> None:
+    """Raise L{ConfigError} for an endpoint string Twisted cannot parse."""
+    from twisted.internet import reactor
+
+    for name in ("http", "websocket"):
+        value = getattr(settings, name)
+        try:
+            serverFromString(reactor, value)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"--{name}: invalid endpoint {value!r}: {e}") from None
 
 
 class EasyBackend(MultiService):

@@ -671,27 +671,28 @@ class DisconnectTests(WebSocketTestMixin, TestCase):
         its asks cancelled.
         """
 
-        class Deaf(Client):
-            answer_pings = False
-
         self.service = FakeService()
+        # Autobahn rounds its timers down to whole seconds: this drops the
+        # peer 1 to 2 seconds after it stops answering.
         self.start_server(
-            self.service, auto_ping_interval=0.05, auto_ping_timeout=0.05
+            self.service, auto_ping_interval=1, auto_ping_timeout=1
         )
         port = yield self.listen(self.server_factory)
-        client = yield self.connect(port, client_class=Deaf)
+        client = yield self.connect(port)
         client.send_json(ask("a"))
         fake = yield self.service.next_ask()
+        # From now on the client's side is dead: it no longer answers.
+        client.answer_pings = False
         yield timeout(fake.cancelled)
         was_clean, code, reason = yield timeout(client.closed)
         self.assertFalse(was_clean)
 
     @inlineCallbacks
     def test_live_peer_kept_by_auto_ping(self):
-        """A peer that answers pings stays, across several pings."""
+        """A peer that answers pings stays, across pings."""
         self.service = FakeService()
         factory = self.start_server(
-            self.service, auto_ping_interval=0.02, auto_ping_timeout=1
+            self.service, auto_ping_interval=1, auto_ping_timeout=1
         )
         pongs: DeferredQueue = DeferredQueue()
         original = ServerProtocol.onPong
@@ -703,7 +704,7 @@ class DisconnectTests(WebSocketTestMixin, TestCase):
         factory.protocol = type("P", (ServerProtocol,), {"onPong": onPong})
         port = yield self.listen(factory)
         client = yield self.connect(port)
-        for _ in range(3):
+        for _ in range(2):
             yield timeout(pongs.get())
         client.send_json(ask("a"))
         (yield self.service.next_ask()).answer("x")
@@ -818,9 +819,19 @@ class FactoryTests(SynchronousTestCase):
         self.assertRaises(
             ValueError, make_websocket_factory, object(), max_message_size=-1
         )
-        self.assertRaises(
-            ValueError, make_websocket_factory, object(), auto_ping_timeout=-1
+        for bad in [-1, 0.5, float("nan")]:
+            self.assertRaises(
+                ValueError, make_websocket_factory, object(),
+                auto_ping_timeout=bad,
+            )
+            self.assertRaises(
+                ValueError, make_websocket_factory, object(),
+                auto_ping_interval=bad,
+            )
+        factory = make_websocket_factory(
+            object(), auto_ping_interval=0, auto_ping_timeout=0
         )
+        self.assertEqual(factory.autoPingInterval, 0)
 
     def test_factory_service_counts(self):
         """

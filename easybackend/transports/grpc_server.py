@@ -130,6 +130,27 @@ class GrpcListenError(Exception):
         self.address = address
 
 
+def check_address(address: str) -> str:
+    """
+    Return C{address} when it looks like a grpcio listen address
+    (C{host:port} with a port of 0 to 65535, C{[v6]:port}, or C{unix:path}),
+    else raise L{ValueError} saying why; for checking C{--grpc} at startup.
+    Whether the host resolves and the port is free shows only at bind time.
+    """
+    if address.startswith(("unix:", "unix-abstract:")):
+        if address.partition(":")[2]:
+            return address
+        raise ValueError(f"{address!r}: a unix address needs a path")
+    host, colon, port = address.rpartition(":")
+    if not colon or not host:
+        raise ValueError(f"{address!r}: expected host:port, e.g. [::]:9000")
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{address!r}: the port must be a number from 0 to 65535")
+    if host.startswith("[") != host.endswith("]") or " " in host:
+        raise ValueError(f"{address!r}: malformed host {host!r}")
+    return address
+
+
 # --- protobuf <-> core values ---------------------------------------------
 
 

@@ -487,15 +487,22 @@ def make_websocket_factory(
     @param auto_ping_interval: seconds between the pings that keep the
         connection alive and detect dead peers; 0 turns pings off.
     @param auto_ping_timeout: seconds a peer has to answer a ping before the
-        connection is dropped (which cancels its asks).
+        connection is dropped (which cancels its asks); 0 pings without
+        ever dropping.  Autobahn rounds its timers down to whole seconds
+        (a 1 s timeout lasts 0 to 1 s), so both must be 0 or at least 1:
+        below that, pings would flood and live peers would be dropped.
     @param allowed_origins: the browser origins allowed to connect, as
         patterns (C{"*"}, C{"https://*.example.com"}); default all.
     @param reactor: the reactor; default the global one.
     """
     if max_message_size < 0:
         raise ValueError("max_message_size must be >= 0")
-    if auto_ping_interval < 0 or auto_ping_timeout < 0:
-        raise ValueError("auto-ping interval and timeout must be >= 0")
+    for name, value in [("auto_ping_interval", auto_ping_interval),
+                        ("auto_ping_timeout", auto_ping_timeout)]:
+        if value != 0 and not value >= 1:
+            raise ValueError(
+                f"{name} must be 0 (off) or at least 1 second, not {value!r}"
+            )
     factory = ChatServerFactory(service, url, reactor=reactor)
     factory.setProtocolOptions(
         maxMessagePayloadSize=max_message_size,

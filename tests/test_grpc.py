@@ -1,0 +1,847 @@
+"""
+Tests for the gRPC transport, over a real grpc channel on loopback.
+
+Client calls run in threads (grpc's client blocks), so the reactor keeps
+running; nothing sleeps: every wait is on a Deferred with a bounded timeout,
+and every client call carries a deadline.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any, Callable
+
+import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
+from google.protobuf.message_factory import GetMessageClass
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+from twisted.internet import reactor
+from twisted.internet.defer import (
+    Deferred,
+    DeferredQueue,
+    fail,
+    inlineCallbacks,
+    succeed,
+)
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from easybackend.errors import (
+    BadRequest,
+    EasyBackendError,
+    NotFound,
+    NoUpstream,
+    PromptTooLong,
+    RequestTooLarge,
+    UpstreamError,
+    UpstreamRateLimited,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from easybackend.model import (
+    Answer,
+    Conversation,
+    ConversationView,
+    Message,
+    Usage,
+)
+from easybackend.proto import chat_pb2, chat_pb2_grpc
+from easybackend.transports.grpc_server import (
+    GrpcListenError,
+    GrpcService,
+    status_for,
+)
+
+#: how long any single wait may take before the test fails
+WAIT = 10.0
+#: the deadline of every client call
+DEADLINE = 10.0
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def within(d: Deferred, seconds: float = WAIT) -> Deferred:
+    """C{d}, failing with a TimeoutError after C{seconds}."""
+    return d.addTimeout(seconds, reactor)
+
+
+# --- a fake core --------------------------------------------------------------
+
+
+class FakeAsk:
+    """One ask the fake service received; the test drives it."""
+
+    def __init__(self, request: Any, on_piece: Callable[[str], None]) -> None:
+        self.request = request
+        self.on_piece = on_piece
+        #: fires when the transport cancels the ask
+        self.cancelled: Deferred = Deferred()
+        self.deferred: Deferred = Deferred(lambda d: self.cancelled.callback(None))
+
+    def piece(self, text: str) -> None:
+        self.on_piece(text)
+
+    def finish(self, text: str = "Hello world", **kw: Any) -> Answer:
+        fields = dict(
+            conversation_id=(
+                "c_made" if self.request.conversation_id == "new"
+                else self.request.conversation_id
+            ),
+            message_id="m_answer",
+            text=text,
+            model="fake-model",
+            usage=Usage(3, 2, 5),
+            finish_reason="stop",
+            prompt_message_id="m_prompt",
+        )
+        fields.update(kw)
+        answer = Answer(**fields)
+        self.deferred.callback(answer)
+        return answer
+
+    def fail(self, error: BaseException) -> None:
+        self.deferred.errback(error)
+
+
+class FakeService:
+    """The interface of L{easybackend.service.ConversationService}."""
+
+    def __init__(self) -> None:
+        self.asks: DeferredQueue = DeferredQueue()
+        self.calls: list[tuple[Any, ...]] = []
+        #: the exception check_ready fails with, or None when ready
+        self.not_ready: BaseException | None = None
+        #: method name -> function of the call's arguments
+        self.results: dict[str, Callable[..., Any]] = {}
+
+    def ask(self, request: Any, on_piece: Callable[[str], None]) -> Deferred:
+        ask = FakeAsk(request, on_piece)
+        self.asks.put(ask)
+        return ask.deferred
+
+    def _call(self, name: str, *args: Any) -> Any:
+        self.calls.append((name,) + args)
+        return self.results[name](*args)
+
+    def list_conversations(self, limit: int = 20, offset: int = 0) -> Any:
+        return self._call("list_conversations", limit, offset)
+
+    def get_conversation(self, conversation_id: str) -> Any:
+        return self._call("get_conversation", conversation_id)
+
+    def delete_conversation(self, conversation_id: str) -> Any:
+        return self._call("delete_conversation", conversation_id)
+
+    def rollback(self, conversation_id: str, turns: int) -> Any:
+        return self._call("rollback", conversation_id, turns)
+
+    def check_ready(self) -> Deferred:
+        if self.not_ready is not None:
+            return fail(self.not_ready)
+        return succeed(None)
+
+
+CONVERSATION = Conversation(
+    id="conv1", title="Hello", system_prompt=None, model="fake-model",
+    created=1000.0, updated=1001.5, leaf_id="m2",
+)
+VIEW = ConversationView(CONVERSATION, [
+    Message(id="m1", conversation_id="conv1", parent_id=None, role="user",
+            content="Hi", tokens=4, created=1000.0),
+    Message(id="m2", conversation_id="conv1", parent_id="m1",
+            role="assistant", content="Hello!", tokens=5, created=1001.5,
+            model="fake-model", finish_reason="stop", usage=Usage(4, 5, 9)),
+])
+
+
+# --- client helpers -------------------------------------------------------------
+
+
+class Stream:
+    """A server stream read in a thread; its messages come to the reactor."""
+
+    def __init__(self, call: Any) -> None:
+        self.call = call
+        self.responses: DeferredQueue = DeferredQueue()
+        #: fires with None when the stream ends well, else its RpcError
+        self.ended: Deferred = deferToThread(self._read)
+
+    def _read(self) -> grpc.RpcError | None:
+        try:
+            for response in self.call:
+                reactor.callFromThread(self.responses.put, response)
+        except grpc.RpcError as e:
+            return e
+        return None
+
+    def next(self) -> Deferred:
+        return within(self.responses.get())
+
+    @inlineCallbacks
+    def rest(self):
+        """All the messages until the end, and the end."""
+        error = yield within(self.ended)
+        messages = []
+        while self.responses.pending:
+            messages.append((yield self.responses.get()))
+        return messages, error
+
+
+def old_messages() -> tuple[type, type]:
+    """
+    The older design's messages, in a pool of their own: request fields
+    prompt = 1, conversation_id = 2, parent_id = 3; response = 1.
+    """
+    f = descriptor_pb2.FieldDescriptorProto
+    proto = descriptor_pb2.FileDescriptorProto(
+        name="old/chat.proto", package="chat", syntax="proto3"
+    )
+    request = proto.message_type.add(name="AskRequest")
+    for number, name in enumerate(("prompt", "conversation_id", "parent_id"), 1):
+        request.field.add(name=name, number=number, type=f.TYPE_STRING,
+                          label=f.LABEL_OPTIONAL)
+    response = proto.message_type.add(name="AskResponse")
+    response.field.add(name="response", number=1, type=f.TYPE_STRING,
+                       label=f.LABEL_OPTIONAL)
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(proto)
+    return (
+        GetMessageClass(pool.FindMessageTypeByName("chat.AskRequest")),
+        GetMessageClass(pool.FindMessageTypeByName("chat.AskResponse")),
+    )
+
+
+class GrpcTestCase(TestCase):
+    """A gRPC server on a free loopback port over a fake service."""
+
+    timeout = 60
+    workers = 4
+    grace = 0.5
+
+    def setUp(self) -> None:
+        self.service = FakeService()
+        self.grpc = GrpcService(
+            self.service, "127.0.0.1:0", workers=self.workers,
+            grace=self.grace, health_interval=3600,
+        )
+        self.grpc.startService()
+        self.addCleanup(self._stop)
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.grpc.port}")
+        self.addCleanup(self.channel.close)
+        self.stub = chat_pb2_grpc.ChatStub(self.channel)
+
+    def _stop(self) -> Deferred | None:
+        if self.grpc.running:
+            return within(self.grpc.stopService(), 30)
+        return None
+
+    def ask(self, **fields: Any) -> Stream:
+        fields.setdefault("prompt", "Hi")
+        metadata = fields.pop("metadata", None)
+        timeout = fields.pop("timeout", DEADLINE)
+        call = self.stub.Ask(
+            chat_pb2.AskRequest(**fields), timeout=timeout, metadata=metadata
+        )
+        return Stream(call)
+
+    def unary(self, method: str, request: Any, **kw: Any) -> Deferred:
+        kw.setdefault("timeout", DEADLINE)
+        return deferToThread(getattr(self.stub, method), request, **kw)
+
+    @inlineCallbacks
+    def assertRpcError(self, d: Deferred, code: grpc.StatusCode):
+        try:
+            result = yield within(d)
+        except grpc.RpcError as e:
+            self.assertEqual(e.code(), code, e.details())
+            return e
+        self.fail(f"expected {code}, got {result!r}")
+
+    def assertEnded(self, error: grpc.RpcError | None, code: grpc.StatusCode):
+        self.assertIsNotNone(error, f"expected {code}, the stream ended well")
+        self.assertEqual(error.code(), code, error.details())
+
+    def next_ask(self) -> Deferred:
+        return within(self.service.asks.get())
+
+
+# --- Ask ------------------------------------------------------------------------------
+
+
+class AskTests(GrpcTestCase):
+
+    @inlineCallbacks
+    def test_streams_pieces_then_a_final_message(self):
+        """
+        Each piece reaches the client as soon as the core passes it on,
+        before the answer is complete; the last message has no text,
+        C{done}, the ids, model, usage and finish reason.
+        """
+        stream = self.ask(prompt="Hello there", conversation_id="conv1")
+        ask = yield self.next_ask()
+        ask.piece("Hello")
+        first = yield stream.next()
+        self.assertEqual(first.response, "Hello")
+        self.assertFalse(first.done)
+        ask.piece(" world")
+        second = yield stream.next()
+        self.assertEqual(second.response, " world")
+        ask.finish()
+        messages, error = yield stream.rest()
+        self.assertIsNone(error)
+        [last] = messages
+        self.assertEqual(last.response, "")
+        self.assertTrue(last.done)
+        self.assertEqual(last.conversation_id, "conv1")
+        self.assertEqual(last.message_id, "m_answer")
+        self.assertEqual(last.prompt_message_id, "m_prompt")
+        self.assertEqual(last.model, "fake-model")
+        self.assertEqual(last.finish_reason, "stop")
+        self.assertEqual(
+            (last.usage.prompt_tokens, last.usage.completion_tokens,
+             last.usage.total_tokens), (3, 2, 5),
+        )
+
+    @inlineCallbacks
+    def test_request_fields(self):
+        """Every field reaches the core; an empty id means C{new}; unset
+        optional fields stay unset."""
+        stream = self.ask(
+            prompt="Hi", system_prompt="Be brief", model="m1",
+            temperature=0.0, max_tokens=50, parent_id="m7",
+            metadata=(("x-request-id", "req-42"),),
+        )
+        ask = yield self.next_ask()
+        r = ask.request
+        self.assertEqual(
+            (r.conversation_id, r.prompt, r.system_prompt, r.model,
+             r.temperature, r.max_tokens, r.parent_id, r.request_id),
+            ("new", "Hi", "Be brief", "m1", 0.0, 50, "m7", "req-42"),
+        )
+        ask.finish()
+        messages, error = yield stream.rest()
+        self.assertIsNone(error)
+        self.assertEqual(messages[-1].conversation_id, "c_made")
+
+        stream = self.ask(prompt="Hi again", conversation_id="new")
+        ask = yield self.next_ask()
+        r = ask.request
+        self.assertEqual(
+            (r.conversation_id, r.system_prompt, r.model, r.temperature,
+             r.max_tokens, r.parent_id),
+            ("new", None, None, None, None, None),
+        )
+        self.assertTrue(r.request_id)
+        ask.finish(usage=None, finish_reason=None)
+        messages, error = yield stream.rest()
+        self.assertIsNone(error)
+        self.assertFalse(messages[-1].HasField("usage"))
+        self.assertEqual(messages[-1].finish_reason, "")
+
+    @inlineCallbacks
+    def test_two_concurrent_streams(self):
+        """Two streams are open at once, each with its own pieces."""
+        one = self.ask(prompt="one", conversation_id="a")
+        two = self.ask(prompt="two", conversation_id="b")
+        asks = {}
+        for _ in range(2):
+            ask = yield self.next_ask()
+            asks[ask.request.conversation_id] = ask
+        asks["b"].piece("B1")
+        self.assertEqual((yield two.next()).response, "B1")
+        asks["a"].piece("A1")
+        self.assertEqual((yield one.next()).response, "A1")
+        asks["b"].piece("B2")
+        self.assertEqual((yield two.next()).response, "B2")
+        asks["b"].finish("B1B2")
+        asks["a"].finish("A1")
+        for stream, cid in ((one, "a"), (two, "b")):
+            messages, error = yield stream.rest()
+            self.assertIsNone(error)
+            self.assertEqual(messages[-1].conversation_id, cid)
+
+    @inlineCallbacks
+    def test_old_client(self):
+        """
+        A client generated from the older design's proto sends only prompt
+        and conversation_id and reads only C{response}: it gets the pieces
+        and nothing else it would print.
+        """
+        OldRequest, OldResponse = old_messages()
+        ask_old = self.channel.unary_stream(
+            "/chat.Chat/Ask",
+            request_serializer=OldRequest.SerializeToString,
+            response_deserializer=OldResponse.FromString,
+        )
+        stream = Stream(ask_old(
+            OldRequest(prompt="Hello", conversation_id="legacy"),
+            timeout=DEADLINE,
+        ))
+        ask = yield self.next_ask()
+        self.assertEqual(
+            (ask.request.prompt, ask.request.conversation_id), ("Hello", "legacy")
+        )
+        ask.piece("Hi ")
+        ask.piece("there")
+        ask.finish("Hi there")
+        messages, error = yield stream.rest()
+        self.assertIsNone(error)
+        self.assertEqual("".join(m.response for m in messages), "Hi there")
+        self.assertEqual([m.response for m in messages], ["Hi ", "there", ""])
+
+    @inlineCallbacks
+    def test_cancel_mid_stream(self):
+        """A client that cancels after a piece cancels the ask on the core."""
+        stream = self.ask(prompt="long", conversation_id="conv1")
+        ask = yield self.next_ask()
+        ask.piece("partial")
+        yield stream.next()
+        stream.call.cancel()
+        yield within(ask.cancelled)
+        error = yield within(stream.ended)
+        self.assertEnded(error, grpc.StatusCode.CANCELLED)
+
+    @inlineCallbacks
+    def test_deadline(self):
+        """A deadline that passes cancels the ask; the client gets
+        DEADLINE_EXCEEDED."""
+        stream = self.ask(prompt="slow", timeout=0.5)
+        ask = yield self.next_ask()
+        yield within(ask.cancelled)
+        error = yield within(stream.ended)
+        self.assertEnded(error, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+    @inlineCallbacks
+    def test_core_errors(self):
+        """Each core error becomes its status, with the core's message and
+        its code in the trailing metadata; before or after a piece."""
+        I, C = grpc.StatusCode, None
+        cases = [
+            (BadRequest("bad id"), I.INVALID_ARGUMENT, "bad id"),
+            (NotFound("message 'x' not found"), I.NOT_FOUND, "message 'x' not found"),
+            (PromptTooLong("the prompt is too long"), I.INVALID_ARGUMENT,
+             "the prompt is too long"),
+            (RequestTooLarge("too large"), I.INVALID_ARGUMENT, "too large"),
+            (NoUpstream(), I.UNAVAILABLE, "no upstream configured"),
+            (UpstreamUnavailable("unreachable", status=503), I.UNAVAILABLE,
+             "unreachable"),
+            (UpstreamError("upstream answered 500", status=500), I.UNAVAILABLE,
+             "upstream answered 500"),
+            (UpstreamError("stream broke", status=None), I.UNAVAILABLE,
+             "stream broke"),
+            (UpstreamError("invalid api key", status=401), I.INTERNAL,
+             "upstream status 401: invalid api key"),
+            (UpstreamRateLimited("slow down", status=429, retry_after=1.2),
+             I.RESOURCE_EXHAUSTED, "slow down"),
+            (UpstreamTimeout("no answer in 30s"), I.DEADLINE_EXCEEDED,
+             "no answer in 30s"),
+        ]
+        for index, (exception, code, details) in enumerate(cases):
+            stream = self.ask(prompt="Hi", conversation_id="conv1")
+            ask = yield self.next_ask()
+            if index % 2:
+                ask.piece("some")
+                yield stream.next()
+            ask.fail(exception)
+            messages, error = yield stream.rest()
+            self.assertEnded(error, code)
+            self.assertIn(details, error.details())
+            metadata = dict(error.trailing_metadata())
+            self.assertEqual(metadata["error-code"], exception.code)
+            if getattr(exception, "status", None) is not None:
+                self.assertEqual(metadata["upstream-status"], str(exception.status))
+            else:
+                self.assertNotIn("upstream-status", metadata)
+
+    @inlineCallbacks
+    def test_rate_limited_retry_after(self):
+        stream = self.ask()
+        ask = yield self.next_ask()
+        ask.fail(UpstreamRateLimited("slow down", status=429, retry_after=1.2))
+        _, error = yield stream.rest()
+        self.assertEnded(error, grpc.StatusCode.RESOURCE_EXHAUSTED)
+        self.assertEqual(dict(error.trailing_metadata())["retry-after"], "2")
+
+    @inlineCallbacks
+    def test_invalid_requests(self):
+        """Bad input gets INVALID_ARGUMENT naming the field; no ask starts."""
+        cases = [
+            (dict(prompt=""), "prompt"),
+            (dict(prompt="   "), "prompt"),
+            (dict(conversation_id="../etc"), "conversation id"),
+            (dict(conversation_id="x" * 129), "conversation id"),
+            (dict(temperature=2.5), "temperature"),
+            (dict(temperature=float("nan")), "temperature"),
+            (dict(max_tokens=0), "max_tokens"),
+        ]
+        for fields, word in cases:
+            _, error = yield self.ask(**fields).rest()
+            self.assertEnded(error, grpc.StatusCode.INVALID_ARGUMENT)
+            self.assertIn(word, error.details())
+            self.assertEqual(dict(error.trailing_metadata())["error-code"],
+                             "bad_request")
+        self.assertEqual(self.service.asks.pending, [])
+
+    @inlineCallbacks
+    def test_unexpected_failure(self):
+        """An unexpected exception is logged and becomes INTERNAL."""
+        stream = self.ask()
+        ask = yield self.next_ask()
+        ask.fail(ZeroDivisionError("oops"))
+        _, error = yield stream.rest()
+        self.assertEnded(error, grpc.StatusCode.INTERNAL)
+        self.assertIn("internal server error", error.details())
+        self.assertNotIn("oops", error.details())
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+    @inlineCallbacks
+    def test_unexpected_synchronous_exception(self):
+        """A service method that raises instead of failing its Deferred."""
+        def broken(*args):
+            raise KeyError("nope")
+        self.service.ask = broken
+        _, error = yield self.ask().rest()
+        self.assertEnded(error, grpc.StatusCode.INTERNAL)
+        self.assertEqual(len(self.flushLoggedErrors(KeyError)), 1)
+
+    @inlineCallbacks
+    def test_cancelled_by_the_core(self):
+        """An ask cancelled on the server's side ends as CANCELLED."""
+        stream = self.ask()
+        ask = yield self.next_ask()
+        ask.deferred.cancel()
+        _, error = yield stream.rest()
+        self.assertEnded(error, grpc.StatusCode.CANCELLED)
+
+
+# --- the unary RPCs ---------------------------------------------------------------
+
+
+class ConversationTests(GrpcTestCase):
+
+    @inlineCallbacks
+    def test_list(self):
+        self.service.results["list_conversations"] = lambda limit, offset: succeed(
+            [CONVERSATION]
+        )
+        response = yield self.unary(
+            "ListConversations", chat_pb2.ListConversationsRequest()
+        )
+        [c] = response.conversations
+        self.assertEqual(
+            (c.id, c.title, c.model, c.created, c.updated, c.current_message_id),
+            ("conv1", "Hello", "fake-model", 1000.0, 1001.5, "m2"),
+        )
+        self.assertFalse(c.HasField("system_prompt"))
+        yield self.unary(
+            "ListConversations",
+            chat_pb2.ListConversationsRequest(limit=5, offset=10),
+        )
+        self.assertEqual(self.service.calls, [
+            ("list_conversations", 20, 0), ("list_conversations", 5, 10),
+        ])
+
+    @inlineCallbacks
+    def test_list_bad_request(self):
+        def check(limit, offset):
+            raise BadRequest('"limit" must be between 1 and 100')
+        self.service.results["list_conversations"] = check
+        e = yield self.assertRpcError(
+            self.unary("ListConversations",
+                       chat_pb2.ListConversationsRequest(limit=1000)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        )
+        self.assertIn("limit", e.details())
+
+    @inlineCallbacks
+    def test_get(self):
+        self.service.results["get_conversation"] = lambda cid: succeed(VIEW)
+        view = yield self.unary(
+            "GetConversation", chat_pb2.GetConversationRequest(conversation_id="conv1")
+        )
+        self.assertEqual(view.conversation.id, "conv1")
+        first, second = view.messages
+        self.assertEqual((first.id, first.role, first.content, first.tokens),
+                         ("m1", "user", "Hi", 4))
+        self.assertFalse(first.HasField("parent_id"))
+        self.assertFalse(first.HasField("usage"))
+        self.assertEqual((second.parent_id, second.model, second.finish_reason,
+                          second.usage.total_tokens),
+                         ("m1", "fake-model", "stop", 9))
+        self.assertEqual(self.service.calls, [("get_conversation", "conv1")])
+
+    @inlineCallbacks
+    def test_get_not_found(self):
+        self.service.results["get_conversation"] = lambda cid: fail(
+            NotFound(f"conversation {cid!r} not found")
+        )
+        e = yield self.assertRpcError(
+            self.unary("GetConversation",
+                       chat_pb2.GetConversationRequest(conversation_id="nope")),
+            grpc.StatusCode.NOT_FOUND,
+        )
+        self.assertEqual(e.details(), "conversation 'nope' not found")
+
+    @inlineCallbacks
+    def test_delete(self):
+        self.service.results["delete_conversation"] = lambda cid: succeed(None)
+        response = yield self.unary(
+            "DeleteConversation",
+            chat_pb2.DeleteConversationRequest(conversation_id="conv1"),
+        )
+        self.assertEqual(response, chat_pb2.DeleteConversationResponse())
+        self.service.results["delete_conversation"] = lambda cid: fail(
+            NotFound("gone")
+        )
+        yield self.assertRpcError(
+            self.unary("DeleteConversation",
+                       chat_pb2.DeleteConversationRequest(conversation_id="conv1")),
+            grpc.StatusCode.NOT_FOUND,
+        )
+
+    @inlineCallbacks
+    def test_rollback(self):
+        self.service.results["rollback"] = lambda cid, turns: succeed(VIEW)
+        view = yield self.unary(
+            "Rollback", chat_pb2.RollbackRequest(conversation_id="conv1")
+        )
+        self.assertEqual(len(view.messages), 2)
+        yield self.unary(
+            "Rollback", chat_pb2.RollbackRequest(conversation_id="conv1", turns=3)
+        )
+        self.assertEqual(self.service.calls,
+                         [("rollback", "conv1", 1), ("rollback", "conv1", 3)])
+        self.service.results["rollback"] = lambda cid, turns: fail(
+            BadRequest('"turns" must be an integer of at least 1')
+        )
+        yield self.assertRpcError(
+            self.unary("Rollback",
+                       chat_pb2.RollbackRequest(conversation_id="conv1", turns=0)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        )
+
+    @inlineCallbacks
+    def test_unary_deadline_cancels(self):
+        """A unary call whose deadline passes cancels the core's work."""
+        cancelled = Deferred()
+        self.service.results["get_conversation"] = lambda cid: Deferred(
+            lambda d: cancelled.callback(None)
+        )
+        yield self.assertRpcError(
+            self.unary("GetConversation",
+                       chat_pb2.GetConversationRequest(conversation_id="c"),
+                       timeout=0.5),
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+        )
+        yield within(cancelled)
+
+    @inlineCallbacks
+    def test_unary_unexpected(self):
+        self.service.results["get_conversation"] = lambda cid: fail(
+            RuntimeError("db exploded")
+        )
+        e = yield self.assertRpcError(
+            self.unary("GetConversation",
+                       chat_pb2.GetConversationRequest(conversation_id="c")),
+            grpc.StatusCode.INTERNAL,
+        )
+        self.assertIn("internal server error", e.details())
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+# --- health, reflection, lifecycle ----------------------------------------------
+
+
+class HealthAndReflectionTests(GrpcTestCase):
+
+    def check(self, service: str = "") -> Deferred:
+        stub = health_pb2_grpc.HealthStub(self.channel)
+        d = deferToThread(
+            stub.Check, health_pb2.HealthCheckRequest(service=service),
+            timeout=DEADLINE,
+        )
+        return within(d.addCallback(lambda r: r.status))
+
+    @inlineCallbacks
+    def test_health_follows_readiness(self):
+        self.assertEqual((yield self.check()), SERVING)
+        self.assertEqual((yield self.check("chat.Chat")), SERVING)
+        self.service.not_ready = NoUpstream()
+        yield self.grpc.check_health()
+        self.assertEqual((yield self.check()), NOT_SERVING)
+        self.assertEqual((yield self.check("chat.Chat")), NOT_SERVING)
+        self.service.not_ready = None
+        yield self.grpc.check_health()
+        self.assertEqual((yield self.check("chat.Chat")), SERVING)
+
+    @inlineCallbacks
+    def test_health_unexpected_failure(self):
+        self.service.not_ready = OSError("disk gone")
+        yield self.grpc.check_health()
+        self.assertEqual((yield self.check()), NOT_SERVING)
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+
+    @inlineCallbacks
+    def test_reflection(self):
+        """Generic tools can list the services and read their schema."""
+        def reflect():
+            db = ProtoReflectionDescriptorDatabase(self.channel)
+            services = set(db.get_services())
+            pool = descriptor_pool.DescriptorPool(db)
+            chat = pool.FindServiceByName("chat.Chat")
+            ask = chat.methods_by_name["Ask"]
+            request = pool.FindMessageTypeByName("chat.AskRequest")
+            return services, sorted(chat.methods_by_name), ask, request
+        services, methods, ask, request = yield within(deferToThread(reflect))
+        self.assertEqual(services, {
+            "chat.Chat", "grpc.health.v1.Health",
+            "grpc.reflection.v1alpha.ServerReflection",
+        })
+        self.assertEqual(methods, [
+            "Ask", "DeleteConversation", "GetConversation",
+            "ListConversations", "Rollback",
+        ])
+        self.assertTrue(ask.server_streaming)
+        self.assertEqual(request.fields_by_name["prompt"].number, 1)
+
+
+class LifecycleTests(GrpcTestCase):
+
+    @inlineCallbacks
+    def test_shutdown_with_a_stream_open(self):
+        """
+        Stopping with a stream open: health turns NOT_SERVING at once, the
+        stream is cancelled after the grace period (and so is its ask), and
+        stopService fires.
+        """
+        watch = Stream(health_pb2_grpc.HealthStub(self.channel).Watch(
+            health_pb2.HealthCheckRequest(service="chat.Chat"), timeout=DEADLINE,
+        ))
+        self.assertEqual((yield watch.next()).status, SERVING)
+        stream = self.ask(conversation_id="conv1")
+        ask = yield self.next_ask()
+        ask.piece("partial")
+        yield stream.next()
+        stopped = self.grpc.stopService()
+        self.assertEqual((yield watch.next()).status, NOT_SERVING)
+        yield within(ask.cancelled)
+        yield within(stopped)
+        error = yield within(stream.ended)
+        self.assertIsNotNone(error)
+        self.assertIn(error.code(), (grpc.StatusCode.CANCELLED,
+                                     grpc.StatusCode.UNAVAILABLE))
+        self.assertEqual(self.grpc.servicer.tracker.running, 0)
+
+    @inlineCallbacks
+    def test_shutdown_lets_a_stream_finish_within_grace(self):
+        self.grpc.grace = 30
+        stream = self.ask(conversation_id="conv1")
+        ask = yield self.next_ask()
+        stopped = self.grpc.stopService()
+        ask.piece("all ")
+        ask.piece("done")
+        ask.finish("all done")
+        messages, error = yield stream.rest()
+        self.assertIsNone(error)
+        self.assertEqual([m.response for m in messages], ["all ", "done", ""])
+        yield within(stopped)
+
+    @inlineCallbacks
+    def test_restart(self):
+        """The service can be stopped and started again."""
+        yield within(self.grpc.stopService())
+        self.grpc.address = f"127.0.0.1:{self.grpc.port}"
+        self.grpc.startService()
+        stream = self.ask(conversation_id="again")
+        ask = yield self.next_ask()
+        ask.finish()
+        messages, error = yield stream.rest()
+        self.assertIsNone(error)
+        stub = health_pb2_grpc.HealthStub(self.channel)
+        response = yield within(deferToThread(
+            stub.Check, health_pb2.HealthCheckRequest(), timeout=DEADLINE
+        ))
+        self.assertEqual(response.status, SERVING)
+
+
+class FullPoolTests(GrpcTestCase):
+
+    workers = 2
+
+    @inlineCallbacks
+    def test_full_pool(self):
+        """Once every worker holds a stream, a new call is refused at once."""
+        streams = [self.ask(conversation_id=f"c{i}") for i in range(2)]
+        asks = []
+        for _ in streams:
+            asks.append((yield self.next_ask()))
+        e = yield self.assertRpcError(
+            self.unary("ListConversations", chat_pb2.ListConversationsRequest()),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        )
+        _, error = yield self.ask(conversation_id="c3").rest()
+        self.assertEnded(error, grpc.StatusCode.RESOURCE_EXHAUSTED)
+        self.assertEqual(self.service.asks.pending, [])
+        for ask in asks:
+            ask.finish()
+        for stream in streams:
+            _, error = yield stream.rest()
+            self.assertIsNone(error)
+
+
+class ListenTests(TestCase):
+
+    def test_bind_failure_names_the_address(self):
+        """A port in use stops startup with an error naming the address."""
+        s = socket.socket()
+        self.addCleanup(s.close)
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+        service = GrpcService(FakeService(), address)
+        e = self.assertRaises(GrpcListenError, service.startService)
+        self.assertIn(address, str(e))
+        self.assertIn("--grpc", str(e))
+        self.assertFalse(service.running)
+        self.assertIsNone(service.port)
+
+    def test_bad_address(self):
+        service = GrpcService(FakeService(), "not an address")
+        e = self.assertRaises(GrpcListenError, service.startService)
+        self.assertIn("not an address", str(e))
+
+    def test_workers(self):
+        self.assertRaises(ValueError, GrpcService, FakeService(), workers=0)
+
+
+class StatusTests(SynchronousTestCase):
+    """L{status_for}, the mapping of core errors to gRPC statuses."""
+
+    def test_table(self):
+        S = grpc.StatusCode
+        for error, code in [
+            (BadRequest("x"), S.INVALID_ARGUMENT),
+            (NotFound("x"), S.NOT_FOUND),
+            (PromptTooLong("x"), S.INVALID_ARGUMENT),
+            (RequestTooLarge("x"), S.INVALID_ARGUMENT),
+            (NoUpstream(), S.UNAVAILABLE),
+            (UpstreamUnavailable("x"), S.UNAVAILABLE),
+            (UpstreamRateLimited("x", 429), S.RESOURCE_EXHAUSTED),
+            (UpstreamTimeout("x"), S.DEADLINE_EXCEEDED),
+            (UpstreamError("x", 502), S.UNAVAILABLE),
+            (UpstreamError("x", None), S.UNAVAILABLE),
+            (UpstreamError("x", 400), S.INTERNAL),
+            (EasyBackendError("x"), S.INTERNAL),
+        ]:
+            self.assertEqual(status_for(error)[0], code, error.code)
+
+    def test_upstream_status_in_message(self):
+        code, details, metadata = status_for(UpstreamError("bad key", 401))
+        self.assertEqual(details, "upstream status 401: bad key")
+        self.assertIn(("upstream-status", "401"), metadata)
+        _, details, _ = status_for(UpstreamError("upstream answered 503", 503))
+        self.assertEqual(details, "upstream answered 503")
