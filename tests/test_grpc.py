@@ -845,3 +845,218 @@ class StatusTests(SynchronousTestCase):
         self.assertIn(("upstream-status", "401"), metadata)
         _, details, _ = status_for(UpstreamError("upstream answered 503", 503))
         self.assertEqual(details, "upstream answered 503")
+
+
+# --- end to end: the real core on a temporary SQLite file ------------------------
+
+
+class HeldUpstream:
+    """
+    An upstream that sends one piece, then holds the answer until it is
+    cancelled (and says so).
+    """
+
+    def __init__(self) -> None:
+        self.cancelled: Deferred = Deferred()
+        self.requests: list[Any] = []
+
+    def stream_chat(self, request: Any, on_piece: Callable[[str], None]) -> Deferred:
+        self.requests.append(request)
+        d: Deferred = Deferred(lambda d: self.cancelled.callback(None))
+        reactor.callLater(0, on_piece, "partial ")
+        return d
+
+
+class EndToEndTests(TestCase):
+    """The gRPC transport over the real core and a real store."""
+
+    timeout = 60
+
+    @inlineCallbacks
+    def serve(self, upstream: Any):
+        from easybackend.testing.fixtures import make_core
+
+        self.core = yield Deferred.fromCoroutine(make_core(self, upstream))
+        self.grpc = GrpcService(
+            self.core, "127.0.0.1:0", workers=4, grace=0.5, health_interval=3600
+        )
+        self.grpc.startService()
+        self.addCleanup(lambda: within(self.grpc.stopService(), 30))
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.grpc.port}")
+        self.addCleanup(self.channel.close)
+        self.stub = chat_pb2_grpc.ChatStub(self.channel)
+
+    def offline(self) -> Any:
+        from easybackend.offline import OfflineUpstream
+
+        return OfflineUpstream(reactor, interval=0.001)
+
+    def ask(self, **fields: Any) -> Stream:
+        return Stream(self.stub.Ask(chat_pb2.AskRequest(**fields), timeout=DEADLINE))
+
+    def unary(self, method: str, request: Any) -> Deferred:
+        return within(deferToThread(getattr(self.stub, method), request,
+                                    timeout=DEADLINE))
+
+    @inlineCallbacks
+    def test_conversation(self):
+        """
+        Ask on a new conversation, ask again on the id it got (the core
+        remembers), then read, list, roll back and delete it.
+        """
+        yield self.serve(self.offline())
+        messages, error = yield self.ask(prompt="Hello").rest()
+        self.assertIsNone(error)
+        *pieces, last = messages
+        self.assertGreater(len(pieces), 1)
+        first_text = "".join(m.response for m in pieces)
+        self.assertIn("Hello", first_text)
+        self.assertTrue(last.done)
+        self.assertEqual(last.model, "offline")
+        self.assertEqual(last.finish_reason, "stop")
+        self.assertGreater(last.usage.total_tokens, 0)
+        cid = last.conversation_id
+        self.assertTrue(cid.startswith("c_"), cid)
+
+        messages, error = yield self.ask(prompt="Again", conversation_id=cid).rest()
+        self.assertIsNone(error)
+        text = "".join(m.response for m in messages)
+        self.assertIn("I see 1 earlier turn", text)
+        self.assertIn("Hello", text)
+        self.assertEqual(messages[-1].conversation_id, cid)
+
+        view = yield self.unary(
+            "GetConversation", chat_pb2.GetConversationRequest(conversation_id=cid)
+        )
+        self.assertEqual(
+            [(m.role, m.content) for m in view.messages],
+            [("user", "Hello"), ("assistant", first_text),
+             ("user", "Again"), ("assistant", text)],
+        )
+        self.assertEqual(view.conversation.current_message_id,
+                         messages[-1].message_id)
+        listing = yield self.unary(
+            "ListConversations", chat_pb2.ListConversationsRequest()
+        )
+        self.assertEqual([c.id for c in listing.conversations], [cid])
+        view = yield self.unary(
+            "Rollback", chat_pb2.RollbackRequest(conversation_id=cid)
+        )
+        self.assertEqual(len(view.messages), 2)
+        yield self.unary(
+            "DeleteConversation",
+            chat_pb2.DeleteConversationRequest(conversation_id=cid),
+        )
+        e = yield self.assertFailure(
+            self.unary("GetConversation",
+                       chat_pb2.GetConversationRequest(conversation_id=cid)),
+            grpc.RpcError,
+        )
+        self.assertEqual(e.code(), grpc.StatusCode.NOT_FOUND)
+
+    @inlineCallbacks
+    def test_old_client(self):
+        """The older design's client, unchanged, on the real core."""
+        yield self.serve(self.offline())
+        OldRequest, OldResponse = old_messages()
+        ask_old = self.channel.unary_stream(
+            "/chat.Chat/Ask",
+            request_serializer=OldRequest.SerializeToString,
+            response_deserializer=OldResponse.FromString,
+        )
+        for turn in ("first", "second"):
+            stream = Stream(ask_old(
+                OldRequest(prompt=turn, conversation_id="legacy-1"),
+                timeout=DEADLINE,
+            ))
+            messages, error = yield stream.rest()
+            self.assertIsNone(error)
+        text = "".join(m.response for m in messages)
+        self.assertIn("I see 1 earlier turn", text)
+        self.assertIn("first", text)
+
+    @inlineCallbacks
+    def test_errors(self):
+        yield self.serve(self.offline())
+        _, error = yield self.ask(prompt="Hi", parent_id="m_nope").rest()
+        self.assertEqual(error.code(), grpc.StatusCode.NOT_FOUND)
+        _, error = yield self.ask(prompt="", conversation_id="c1").rest()
+        self.assertEqual(error.code(), grpc.StatusCode.INVALID_ARGUMENT)
+        e = yield self.assertFailure(
+            self.unary("ListConversations",
+                       chat_pb2.ListConversationsRequest(limit=1000)),
+            grpc.RpcError,
+        )
+        self.assertEqual(e.code(), grpc.StatusCode.INVALID_ARGUMENT)
+        e = yield self.assertFailure(
+            self.unary("Rollback", chat_pb2.RollbackRequest(
+                conversation_id="missing")),
+            grpc.RpcError,
+        )
+        self.assertEqual(e.code(), grpc.StatusCode.NOT_FOUND)
+        e = yield self.assertFailure(
+            self.unary("GetConversation", chat_pb2.GetConversationRequest(
+                conversation_id="../../etc/passwd")),
+            grpc.RpcError,
+        )
+        self.assertEqual(e.code(), grpc.StatusCode.INVALID_ARGUMENT)
+
+    @inlineCallbacks
+    def test_no_upstream(self):
+        """Without an upstream: UNAVAILABLE with the reason, and health
+        NOT_SERVING."""
+        yield self.serve(None)
+        _, error = yield self.ask(prompt="Hi").rest()
+        self.assertEqual(error.code(), grpc.StatusCode.UNAVAILABLE)
+        self.assertIn("no upstream configured", error.details())
+        status = yield within(deferToThread(
+            health_pb2_grpc.HealthStub(self.channel).Check,
+            health_pb2.HealthCheckRequest(service="chat.Chat"), timeout=DEADLINE,
+        ))
+        self.assertEqual(status.status, NOT_SERVING)
+
+    @inlineCallbacks
+    def test_cancel_stores_nothing(self):
+        """A client that cancels mid-stream cancels the upstream call, and
+        the conversation is not stored."""
+        upstream = HeldUpstream()
+        yield self.serve(upstream)
+        stream = self.ask(prompt="Hi", conversation_id="cancelled-1")
+        self.assertEqual((yield stream.next()).response, "partial ")
+        stream.call.cancel()
+        yield within(upstream.cancelled)
+        error = yield within(stream.ended)
+        self.assertEqual(error.code(), grpc.StatusCode.CANCELLED)
+        e = yield self.assertFailure(
+            self.unary("GetConversation", chat_pb2.GetConversationRequest(
+                conversation_id="cancelled-1")),
+            grpc.RpcError,
+        )
+        self.assertEqual(e.code(), grpc.StatusCode.NOT_FOUND)
+
+    @inlineCallbacks
+    def test_example_client(self):
+        """examples/grpc_client.py streams answers and keeps the id it got."""
+        import importlib.util
+        import io
+        from pathlib import Path
+
+        yield self.serve(self.offline())
+        path = Path(__file__).resolve().parents[1] / "examples" / "grpc_client.py"
+        spec = importlib.util.spec_from_file_location("grpc_client_example", path)
+        example = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(example)
+        out = io.StringIO()
+        stdin = io.StringIO("Hello\n\nHow are you\n")
+        self.patch(example.sys, "stderr", io.StringIO())
+        status = yield within(deferToThread(
+            example.main, ["--url", f"127.0.0.1:{self.grpc.port}"], stdin, out
+        ))
+        self.assertEqual(status, 0)
+        first, second = out.getvalue().splitlines()
+        self.assertIn("You said: \u201cHello\u201d", first)
+        self.assertIn("I see 1 earlier turn", second)
+        listing = yield self.unary(
+            "ListConversations", chat_pb2.ListConversationsRequest()
+        )
+        self.assertEqual(len(listing.conversations), 1)

@@ -9,7 +9,8 @@ import json
 from typing import Any
 
 import treq
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.protocol import Protocol
 from twisted.trial.unittest import TestCase
 
 from easybackend.errors import (
@@ -206,20 +207,143 @@ class UpstreamErrorTests(TestCase):
         When the client goes away during an ask, then the upstream call is
         cancelled and nothing is stored.
         """
-        from twisted.internet import reactor
-        from twisted.internet.protocol import ClientCreator, Protocol
-
         upstream = ScriptedUpstream()
         core = await make_core(self, upstream)
         url = await serve_http(self, core)
-        port = int(url.rsplit(":", 1)[1])
         next_call = upstream.next_call()
-        client = await ClientCreator(reactor, Protocol).connectTCP("127.0.0.1", port)
-        body = b'{"prompt": "bye"}'
-        client.transport.write(b"POST /ask/gone HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
-                               % (len(body), body))
+        client = await RawClient.connect(int(url.rsplit(":", 1)[1]))
+        client.send_post("/ask/gone", b'{"prompt": "bye"}')
         c = await next_call
         client.transport.loseConnection()
         await within(c.cancel_seen)
         self.assertTrue(c.cancelled)
         self.assertEqual((await call("GET", url + "/conversations/gone"))[0], 404)
+
+
+def parse_events(raw: bytes) -> list[tuple[str, Any]]:
+    """(event, decoded data) of each event; comments as ("comment", text)."""
+    events: list[tuple[str, Any]] = []
+    for block in raw.decode("utf-8").split("\n\n"):
+        if not block:
+            continue
+        if block.startswith(":"):
+            events.append(("comment", block[1:].strip()))
+            continue
+        fields = dict(line.split(": ", 1) for line in block.split("\n"))
+        events.append((fields["event"], json.loads(fields["data"])))
+    return events
+
+
+class EventStreamTests(TestCase):
+    """POST /ask/{id} as Server-Sent Events."""
+
+    async def test_stream_by_accept_and_by_body(self) -> None:
+        """
+        When a client asks with C{Accept: text/event-stream} or
+        C{"stream": true}, then it gets delta events that add up to the
+        answer, then one done event with the JSON answer's fields.
+        """
+        core = await make_core(self, OfflineUpstream(_reactor(), interval=0))
+        url = await serve_http(self, core)
+        for headers, body in [({"Accept": ["text/event-stream"]}, {"prompt": "Hi there"}),
+                              (None, {"prompt": "Hi there", "stream": True})]:
+            code, raw, h = await call("POST", url + "/ask/sse", body, headers=headers)
+            self.assertEqual(code, 200)
+            self.assertEqual(h.getRawHeaders("content-type"), ["text/event-stream; charset=utf-8"])
+            events = parse_events(raw)
+            self.assertGreater(len(events), 2)
+            self.assertEqual({e for e, _ in events[:-1]}, {"delta"})
+            name, done = events[-1]
+            self.assertEqual(name, "done")
+            self.assertEqual("".join(d["text"] for _, d in events[:-1]), done["response"])
+            self.assertEqual(done["conversation_id"], "sse")
+            self.assertIn("Hi there", done["response"])
+
+    async def test_error_event(self) -> None:
+        """
+        When the upstream fails during a stream, then the stream ends with
+        an error event carrying the same code as the JSON error.
+        """
+        upstream = ScriptedUpstream()
+        core = await make_core(self, upstream)
+        url = await serve_http(self, core)
+        next_call = upstream.next_call()
+        d = ensureDeferred(call("POST", url + "/ask/x", {"prompt": "p", "stream": True}))
+        c = await next_call
+        c.piece("partial")
+        c.d.errback(UpstreamUnavailable("upstream answered 503", status=503))
+        code, raw, _ = await d
+        self.assertEqual(parse_events(raw), [
+            ("delta", {"text": "partial"}),
+            ("error", {"code": "upstream_unavailable", "message": "upstream answered 503",
+                       "upstream_status": 503}),
+        ])
+        self.assertEqual((await call("GET", url + "/conversations/x"))[0], 404)
+
+    async def test_bad_request_is_plain_json(self) -> None:
+        """When a streaming ask is malformed, then it gets the usual JSON 400."""
+        core = await make_core(self, ScriptedUpstream())
+        url = await serve_http(self, core)
+        code, body, _ = await call("POST", url + "/ask/x", {"stream": True},
+                                   headers={"Accept": ["text/event-stream"]})
+        self.assertEqual((code, body["error"]["code"]), (400, "bad_request"))
+
+    async def test_keepalive_and_disconnect(self) -> None:
+        """
+        When the answer pauses longer than the keep-alive interval, then
+        the stream gets a comment; when the client then goes away, the
+        upstream call is cancelled.
+        """
+        from twisted.internet.task import Clock
+
+        clock = Clock()
+        upstream = ScriptedUpstream()
+        core = await make_core(self, upstream)
+        url = await serve_http(self, core, clock=clock, keepalive_interval=15)
+        port = int(url.rsplit(":", 1)[1])
+        next_call = upstream.next_call()
+        client = await RawClient.connect(port)
+        client.send_post("/ask/ka", b'{"prompt": "p", "stream": true}')
+        c = await next_call
+        waiting = client.next_data()
+        c.piece("one")
+        await within(waiting)
+        while b"event: delta" not in client.data:
+            await within(client.next_data())
+        waiting = client.next_data()
+        clock.advance(15)
+        await within(waiting)
+        self.assertTrue(client.data.endswith(b": keep-alive\n\n\r\n"), client.data)
+        client.transport.loseConnection()
+        await within(c.cancel_seen)
+
+
+class RawClient(Protocol):
+    """A bare TCP client, to send a request and then vanish mid-answer."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self._waiting: list[Deferred[None]] = []
+
+    @classmethod
+    async def connect(cls, port: int) -> "RawClient":
+        from twisted.internet import reactor
+        from twisted.internet.protocol import ClientCreator
+
+        return await within(ClientCreator(reactor, cls).connectTCP("127.0.0.1", port))
+
+    def send_post(self, path: str, body: bytes) -> None:
+        self.transport.write(
+            b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+            % (path.encode(), len(body), body))
+
+    def next_data(self) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        self._waiting.append(d)
+        return d
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(None)

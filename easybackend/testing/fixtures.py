@@ -74,7 +74,8 @@ async def serve_http(testcase: TestCase, core: ConversationService, **web: Any) 
     from easybackend.transports.web import WebApp, WebSettings
 
     websocket = web.pop("websocket", None)
-    app = WebApp(core, WebSettings(**web), websocket=websocket)
+    clock = web.pop("clock", None)
+    app = WebApp(core, WebSettings(**web), websocket=websocket, clock=clock)
     site = Site(app.resource())
     site.noisy = False
     port = await listen_tcp(testcase, site)

@@ -15,6 +15,7 @@ from typing import Any, Callable
 from attrs import frozen
 from klein import Klein
 from twisted.internet.defer import CancelledError
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
@@ -54,6 +55,8 @@ class WebSettings:
 
     max_body: int = 1024 * 1024
     cors_origins: tuple[str, ...] = ("*",)
+    #: seconds of silence after which an event stream gets a comment
+    keepalive_interval: float = 15.0
 
 
 def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
@@ -74,7 +77,11 @@ class WebApp:
         service: ConversationService,
         settings: WebSettings = WebSettings(),
         websocket: IResource | None = None,
+        clock: IReactorTime | None = None,
     ) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.clock = clock
         self.service = service
         self.settings = settings
         self.websocket = websocket
@@ -124,16 +131,10 @@ class WebApp:
     @app.handle_errors(EasyBackendError)
     def _easy_error(self, request: IRequest, failure: Failure) -> bytes:
         error = failure.value
-        extra: dict[str, Any] = {}
-        if isinstance(error, UpstreamError) and error.status is not None:
-            extra["upstream_status"] = error.status
         retry_after = getattr(error, "retry_after", None)
         if retry_after is not None and error.code == "rate_limited":
             request.setHeader("retry-after", str(int(retry_after + 0.999)))
-        return self._json(
-            request, error_body(error.code, error.message, **extra),
-            STATUS.get(error.code, 500),
-        )
+        return self._json(request, {"error": _error_fields(error)}, status_of(error))
 
     @app.handle_errors(NoRoute)
     def _no_route(self, request: IRequest, failure: Failure) -> bytes:
@@ -193,9 +194,38 @@ class WebApp:
 
     @app.route("/ask/<string:conversation_id>", methods=["POST"])
     async def ask(self, request: IRequest, conversation_id: str) -> bytes:
-        ask = AskRequest.from_mapping(conversation_id, self._body(request))
+        body = self._body(request)
+        ask = AskRequest.from_mapping(conversation_id, body)
+        if body.get("stream") is True or _accepts_events(request):
+            return await self._ask_events(request, ask)
         answer = await self.service.ask(ask, _ignore)
         return self._json(request, answer.to_dict())
+
+    async def _ask_events(self, request: IRequest, ask: AskRequest) -> bytes:
+        """
+        Stream the answer as Server-Sent Events: C{delta} events, then one
+        C{done} (the JSON answer's fields) or C{error} event.  Comments
+        keep the connection alive through long pauses.
+        """
+        request.setResponseCode(200)
+        request.setHeader("content-type", "text/event-stream; charset=utf-8")
+        request.setHeader("cache-control", "no-store")
+        request.setHeader("x-accel-buffering", "no")
+        self._cors(request)
+        request.write(b"")
+        keepalive = KeepAlive(request, self.settings.keepalive_interval, self.clock)
+
+        def piece(text: str) -> None:
+            keepalive.wrote()
+            request.write(event("delta", {"text": text}))
+
+        try:
+            answer = await self.service.ask(ask, piece)
+        except EasyBackendError as e:
+            return event("error", _error_fields(e))
+        finally:
+            keepalive.stop()
+        return event("done", answer.to_dict())
 
     @app.route("/conversations", methods=["GET"])
     async def list_conversations(self, request: IRequest) -> bytes:
@@ -230,6 +260,56 @@ class WebApp:
         if self.websocket is None:
             raise NoRoute()
         return self.websocket
+
+
+def status_of(error: EasyBackendError) -> int:
+    """The HTTP status for a core error."""
+    return STATUS.get(error.code, 500)
+
+
+def _error_fields(error: EasyBackendError) -> dict[str, Any]:
+    fields: dict[str, Any] = {"code": error.code, "message": error.message}
+    if isinstance(error, UpstreamError) and error.status is not None:
+        fields["upstream_status"] = error.status
+    return fields
+
+
+def event(name: str, data: Any) -> bytes:
+    """One Server-Sent Event with a JSON payload (JSON has no raw newlines)."""
+    return b"event: %s\ndata: %s\n\n" % (
+        name.encode("ascii"), json.dumps(data, ensure_ascii=False).encode("utf-8"))
+
+
+def _accepts_events(request: IRequest) -> bool:
+    accept = request.getHeader("accept") or ""
+    return "text/event-stream" in accept
+
+
+class KeepAlive:
+    """
+    Write an SSE comment when nothing was written for C{interval} seconds,
+    so that proxies and clients do not drop a stream in a long pause.
+    """
+
+    def __init__(self, request: IRequest, interval: float, clock: IReactorTime) -> None:
+        self._request = request
+        self._interval = interval
+        self._clock = clock
+        self._active = True
+        self._call = clock.callLater(interval, self._beat)
+
+    def wrote(self) -> None:
+        if self._active and self._call.active():
+            self._call.reset(self._interval)
+
+    def _beat(self) -> None:
+        self._request.write(b": keep-alive\n\n")
+        self._call = self._clock.callLater(self._interval, self._beat)
+
+    def stop(self) -> None:
+        self._active = False
+        if self._call.active():
+            self._call.cancel()
 
 
 def _ignore(piece: str) -> None:
