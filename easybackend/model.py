@@ -65,11 +65,13 @@ class AskRequest:
     max_tokens: int | None = None
     parent_id: str | None = None
     request_id: str | None = None
+    #: the name of the API key asking; conversations belong to it
+    owner: str | None = None
 
     @classmethod
     def from_mapping(
         cls, conversation_id: object, body: Mapping[str, Any],
-        request_id: str | None = None,
+        request_id: str | None = None, owner: str | None = None,
     ) -> "AskRequest":
         """
         Build a request from a decoded JSON object, the shape HTTP and
@@ -92,6 +94,7 @@ class AskRequest:
             max_tokens=_max_tokens(body),
             parent_id=_optional(body, "parent_id", str),
             request_id=request_id,
+            owner=owner,
         )
 
 

@@ -160,7 +160,7 @@ class ConversationService:
             check_conversation_id(cid)
         async with self._held(cid):
             counter = await self._tokens()
-            conversation = await self.store.get_conversation(cid)
+            conversation = await self._owned(cid, request.owner, missing_ok=True)
             leaf = await self._leaf(conversation, cid, request.parent_id)
             history = await self.store.branch(cid, leaf) if leaf else []
             if conversation is None:
@@ -200,6 +200,7 @@ class ConversationService:
                 finish_reason=completion.finish_reason,
                 usage=completion.usage,
                 system_prompt=system,
+                owner=request.owner,
             )
             prompt_id, answer_id = await self.store.commit_turn(
                 turn, self._clock.seconds(), system_tokens=system_tokens
@@ -244,50 +245,72 @@ class ConversationService:
 
     # -- reading and editing -----------------------------------------------
 
-    def list_conversations(
-        self, limit: int = 20, offset: int = 0
-    ) -> "Deferred[list[Conversation]]":
-        """The conversations, most recently updated first."""
-        if not 1 <= limit <= 100:
-            raise BadRequest('"limit" must be between 1 and 100')
-        if offset < 0:
-            raise BadRequest('"offset" must be 0 or more')
-        return self.store.list_conversations(limit, offset)
-
-    def get_conversation(self, conversation_id: str) -> "Deferred[ConversationView]":
-        """The conversation and its current branch; L{NotFound} if unknown."""
-        return _deferred(self._view(check_conversation_id(conversation_id)))
-
-    async def _view(self, cid: str) -> ConversationView:
+    async def _owned(
+        self, cid: str, owner: str | None, missing_ok: bool = False
+    ) -> Conversation | None:
+        """
+        The conversation if C{owner} may see it.  Another key's
+        conversation does not exist for this one: L{NotFound}, never a
+        refusal, so that ids do not leak.
+        """
         conversation = await self.store.get_conversation(cid)
-        if conversation is None:
+        if conversation is not None and conversation.owner != owner:
             raise NotFound(f"conversation {cid!r} not found")
+        if conversation is None and not missing_ok:
+            raise NotFound(f"conversation {cid!r} not found")
+        return conversation
+
+    def list_conversations(
+        self, limit: int = 20, offset: int = 0, owner: str | None = None
+    ) -> "Deferred[list[Conversation]]":
+        """C{owner}'s conversations, most recently updated first."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 100:
+            raise BadRequest('"limit" must be an integer between 1 and 100')
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise BadRequest('"offset" must be an integer of 0 or more')
+        return self.store.list_conversations(limit, offset, owner=owner)
+
+    def get_conversation(
+        self, conversation_id: str, owner: str | None = None
+    ) -> "Deferred[ConversationView]":
+        """The conversation and its current branch; L{NotFound} if unknown."""
+        return _deferred(self._view(check_conversation_id(conversation_id), owner))
+
+    async def _view(self, cid: str, owner: str | None) -> ConversationView:
+        conversation = await self._owned(cid, owner)
+        assert conversation is not None
         leaf = conversation.leaf_id
         messages = await self.store.branch(cid, leaf) if leaf else []
         return ConversationView(conversation, messages)
 
-    def delete_conversation(self, conversation_id: str) -> "Deferred[None]":
+    def delete_conversation(
+        self, conversation_id: str, owner: str | None = None
+    ) -> "Deferred[None]":
         """Delete the conversation and all its messages; L{NotFound} if unknown."""
-        return _deferred(self._delete(check_conversation_id(conversation_id)))
+        return _deferred(self._delete(check_conversation_id(conversation_id), owner))
 
-    async def _delete(self, cid: str) -> None:
+    async def _delete(self, cid: str, owner: str | None) -> None:
         async with self._held(cid):
+            await self._owned(cid, owner)
             if not await self.store.delete_conversation(cid):
                 raise NotFound(f"conversation {cid!r} not found")
 
-    def rollback(self, conversation_id: str, turns: int) -> "Deferred[ConversationView]":
+    def rollback(
+        self, conversation_id: str, turns: int, owner: str | None = None
+    ) -> "Deferred[ConversationView]":
         """
         Move the current leaf back by C{turns} turns, deleting nothing;
         L{NotFound} if unknown, L{BadRequest} if C{turns} < 1.
         """
-        return _deferred(self._rollback(check_conversation_id(conversation_id), turns))
+        return _deferred(self._rollback(check_conversation_id(conversation_id), turns, owner))
 
-    async def _rollback(self, cid: str, turns: int) -> ConversationView:
+    async def _rollback(self, cid: str, turns: int, owner: str | None) -> ConversationView:
         if isinstance(turns, bool) or not isinstance(turns, int) or turns < 1:
             raise BadRequest('"turns" must be an integer of at least 1')
         async with self._held(cid):
+            await self._owned(cid, owner)
             await self.store.rollback(cid, turns)
-        return await self._view(cid)
+        return await self._view(cid, owner)
 
     def check_ready(self) -> "Deferred[None]":
         """

@@ -221,12 +221,14 @@ class GrpcTestCase(TestCase):
     timeout = 60
     workers = 4
     grace = 0.5
+    max_message_size = 64 * 1024
 
     def setUp(self) -> None:
         self.service = FakeService()
         self.grpc = GrpcService(
             self.service, "127.0.0.1:0", workers=self.workers,
             grace=self.grace, health_interval=3600,
+            max_message_size=self.max_message_size,
         )
         self.grpc.startService()
         self.addCleanup(self._stop)
@@ -484,6 +486,13 @@ class AskTests(GrpcTestCase):
             self.assertIn(word, error.details())
             self.assertEqual(dict(error.trailing_metadata())["error-code"],
                              "bad_request")
+        self.assertEqual(self.service.asks.pending, [])
+
+    @inlineCallbacks
+    def test_message_too_large(self):
+        """A request over max_message_size is refused before the core."""
+        _, error = yield self.ask(prompt="x" * (self.max_message_size + 1)).rest()
+        self.assertEnded(error, grpc.StatusCode.RESOURCE_EXHAUSTED)
         self.assertEqual(self.service.asks.pending, [])
 
     @inlineCallbacks

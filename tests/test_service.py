@@ -364,3 +364,29 @@ def _reactor() -> Any:
     from twisted.internet import reactor
 
     return reactor
+
+
+class OwnerTests(TestCase):
+    """Conversations belong to the key that made them."""
+
+    async def test_other_owner_sees_nothing(self) -> None:
+        """
+        When one key made a conversation, then for another key it does not
+        exist: reads, asks, rollback and delete are L{NotFound}, and its
+        listing is empty; the owner still sees it.
+        """
+        core = await make_core(self, OfflineUpstream(_reactor(), interval=0))
+        await core.ask(ask("mine", "owned", owner="alice"), lambda p: None)
+        with self.assertRaises(NotFound):
+            await core.get_conversation("owned", owner="bob")
+        with self.assertRaises(NotFound):
+            await core.ask(ask("theirs?", "owned", owner="bob"), lambda p: None)
+        with self.assertRaises(NotFound):
+            await core.rollback("owned", 1, owner="bob")
+        with self.assertRaises(NotFound):
+            await core.delete_conversation("owned", owner="bob")
+        self.assertEqual(await core.list_conversations(10, 0, owner="bob"), [])
+        self.assertEqual([c.id for c in await core.list_conversations(10, 0, owner="alice")],
+                         ["owned"])
+        view = await core.get_conversation("owned", owner="alice")
+        self.assertEqual(len(view.messages), 2)

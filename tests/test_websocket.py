@@ -255,7 +255,7 @@ class JSONProtocolTests(WebSocketTestMixin, TestCase):
                 "message_id": "m-a1", "model": "fake-model",
                 "usage": {"prompt_tokens": 3, "completion_tokens": 4,
                           "total_tokens": 7},
-                "finish_reason": "stop",
+                "finish_reason": "stop", "prompt_message_id": None,
             },
         )
         self.assertEqual(self._server_in_flight(), {})

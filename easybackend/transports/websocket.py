@@ -20,7 +20,7 @@ Two wire protocols share the socket:
         {"type": "delta", "id": ID, "text": "..."}
         {"type": "done", "id": ID, "conversation_id": "...",
          "message_id": "...", "model": "...", "usage": {...},
-         "finish_reason": "..."}
+         "finish_reason": "...", "prompt_message_id": "..."}
         {"type": "error", "id": ID or null, "code": "...", "message": "..."}
         {"type": "cancelled", "id": ID}
 
@@ -251,6 +251,8 @@ class ChatServerProtocol(WebSocketServerProtocol):
         def done(answer: Answer) -> None:
             reply = answer.to_dict()
             reply.pop("response", None)  # the deltas carried it already
+            # as gRPC: the prompt's id, the parent_id that regenerates
+            reply["prompt_message_id"] = answer.prompt_message_id or None
             self._send_json({"type": "done", "id": ask_id, **reply})
 
         def failed(failure: Failure) -> None:
