@@ -71,11 +71,19 @@ def _optional(text: str) -> str | None:
     return text or None
 
 
+def _url(text: str) -> str | None:
+    if not text:
+        return None
+    if not text.startswith(("http://", "https://")):
+        raise ValueError("must be an http:// or https:// URL")
+    return text
+
+
 #: Every setting, in the order of C{twistd easybackend --help}.
 SETTINGS: tuple[Setting, ...] = (
     Setting("base-url", None, "OpenAI-compatible API base URL "
             f"[default: {DEFAULT_BASE_URL} when OPENAI_API_KEY is set]",
-            env="OPENAI_BASE_URL", parse=_optional),
+            env="OPENAI_BASE_URL", parse=_url),
     Setting("model", "gpt-4o-mini", "model name", env="GPT_ENGINE"),
     Setting("encoding", None, "tiktoken encoding for token budgets "
             "[default: derived from the model]", env="ENCODING_NAME",

@@ -53,6 +53,7 @@ class SettingsTests(SynchronousTestCase):
             ({"retries": "many"}, {}, "--retries"),
             ({"context-tokens": "0"}, {}, "--context-tokens"),
             ({"temperature": "5"}, {}, "--temperature"),
+            ({}, {"OPENAI_BASE_URL": "ftp://x"}, "OPENAI_BASE_URL"),
             ({}, {"EASYBACKEND_DB": "/dev/null/x.db"}, "--db"),
             ({"answer-tokens": "5000", "context-tokens": "4000"}, {}, "--answer-tokens"),
         ]:

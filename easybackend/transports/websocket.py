@@ -251,7 +251,7 @@ class ChatServerProtocol(WebSocketServerProtocol):
         def done(answer: Answer) -> None:
             reply = answer.to_dict()
             reply.pop("response", None)  # the deltas carried it already
-            # as gRPC: the prompt's id, the parent_id that regenerates
+            # as gRPC does: the id of the stored prompt
             reply["prompt_message_id"] = answer.prompt_message_id or None
             self._send_json({"type": "done", "id": ask_id, **reply})
 
