@@ -97,3 +97,23 @@ class UpstreamTimeout(UpstreamError):
     """The upstream did not answer, or stalled, within the configured time."""
 
     code = "upstream_timeout"
+
+
+class Unauthenticated(EasyBackendError):
+    """The API key is missing or wrong."""
+
+    code = "unauthenticated"
+
+
+class RateLimited(EasyBackendError):
+    """
+    The key is over one of its limits.
+
+    @ivar retry_after: seconds after which a retry may succeed.
+    """
+
+    code = "rate_limited"
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

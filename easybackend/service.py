@@ -17,6 +17,7 @@ from twisted.internet.defer import Deferred, DeferredLock, succeed
 from twisted.python.failure import Failure
 from twisted.internet.interfaces import IReactorTime
 
+from easybackend.limits import Limiter
 from easybackend.tokens import fit
 from easybackend.errors import BadRequest, NoUpstream, NotFound
 from easybackend.model import (
@@ -116,7 +117,9 @@ class ConversationService:
         tokens: Callable[[], Awaitable[Any]],
         clock: IReactorTime,
         settings: CoreSettings = CoreSettings(),
+        limiter: Limiter | None = None,
     ) -> None:
+        self.limiter = limiter if limiter is not None else Limiter(clock)
         self.store = store
         self.upstream = upstream
         self._tokens = Shared(tokens)
@@ -158,6 +161,16 @@ class ConversationService:
             cid = new_conversation_id()
         else:
             check_conversation_id(cid)
+        release = self.limiter.acquire(request.owner)
+        try:
+            return await self._answer(request, cid, upstream, on_piece)
+        finally:
+            release()
+
+    async def _answer(
+        self, request: AskRequest, cid: str, upstream: Upstream,
+        on_piece: Callable[[str], None],
+    ) -> Answer:
         async with self._held(cid):
             counter = await self._tokens()
             conversation = await self._owned(cid, request.owner, missing_ok=True)

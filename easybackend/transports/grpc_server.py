@@ -492,7 +492,7 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
             try:
                 return handler(request_id)
             except Exception as e:
-                abort = _abort_for(e, name, request_id)
+                abort = self._abort_for(e, name, request_id)
         self._abort(context, abort)
 
     def _stream(
@@ -505,8 +505,31 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
                 yield from handler(request, context, request_id)
                 return
             except Exception as e:
-                abort = _abort_for(e, name, request_id)
+                abort = self._abort_for(e, name, request_id)
         self._abort(context, abort)
+
+    def _abort_for(self, error: Exception, method: str, request_id: str) -> _Abort:
+        """
+        The status for whatever a handler raised.  The unexpected is logged,
+        on the reactor thread like everything else.
+        """
+        if isinstance(error, _Abort):
+            return error
+        if isinstance(error, EasyBackendError):
+            return _Abort(*status_for(error))
+        if isinstance(error, CancelledError):
+            return _Abort(grpc.StatusCode.CANCELLED, "the request was cancelled")
+        failure = Failure(error, type(error), error.__traceback__)
+        self.reactor.callFromThread(
+            log.failure,
+            "unexpected error in gRPC {method} (request id {request_id})",
+            failure, method=method, request_id=request_id,
+        )
+        return _Abort(
+            grpc.StatusCode.INTERNAL,
+            f"internal server error (request id {request_id}); "
+            f"the server log has the details",
+        )
 
     @staticmethod
     def _abort(context: grpc.ServicerContext, abort: "_Abort") -> None:
@@ -521,25 +544,6 @@ def _ended(context: grpc.ServicerContext) -> _Abort:
     if context.time_remaining() <= 0:
         return _Abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
     return _Abort(grpc.StatusCode.CANCELLED, "the call was cancelled")
-
-
-def _abort_for(error: Exception, method: str, request_id: str) -> _Abort:
-    """The status for whatever a handler raised; log the unexpected."""
-    if isinstance(error, _Abort):
-        return error
-    if isinstance(error, EasyBackendError):
-        return _Abort(*status_for(error))
-    if isinstance(error, CancelledError):
-        return _Abort(grpc.StatusCode.CANCELLED, "the request was cancelled")
-    log.failure(
-        "unexpected error in gRPC {method} (request id {request_id})",
-        Failure(error), method=method, request_id=request_id,
-    )
-    return _Abort(
-        grpc.StatusCode.INTERNAL,
-        f"internal server error (request id {request_id}); "
-        f"the server log has the details",
-    )
 
 
 # --- the Twisted service -----------------------------------------------------
