@@ -67,11 +67,14 @@ class AskRequest:
     request_id: str | None = None
     #: the name of the API key asking; conversations belong to it
     owner: str | None = None
+    #: a label for logs and metrics: which transport the ask came through
+    transport: str = "core"
 
     @classmethod
     def from_mapping(
         cls, conversation_id: object, body: Mapping[str, Any],
         request_id: str | None = None, owner: str | None = None,
+        transport: str = "core",
     ) -> "AskRequest":
         """
         Build a request from a decoded JSON object, the shape HTTP and
@@ -95,6 +98,7 @@ class AskRequest:
             parent_id=_optional(body, "parent_id", str),
             request_id=request_id,
             owner=owner,
+            transport=transport,
         )
 
 
@@ -143,6 +147,9 @@ class Answer:
     finish_reason: str | None
     #: the id of the stored prompt message, parent of C{message_id}
     prompt_message_id: str = ""
+    #: the upstream's HTTP status and the retries it took, for logs
+    upstream_status: int | None = None
+    retries: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON shape every transport answers with."""

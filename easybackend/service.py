@@ -13,13 +13,14 @@ from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine, TypeVar
 
 from attrs import frozen
-from twisted.internet.defer import Deferred, DeferredLock, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredLock, succeed
 from twisted.python.failure import Failure
 from twisted.internet.interfaces import IReactorTime
 
 from easybackend.limits import Limiter
 from easybackend.tokens import fit
-from easybackend.errors import BadRequest, NoUpstream, NotFound
+from easybackend.errors import BadRequest, EasyBackendError, NoUpstream, NotFound
+from easybackend.observe import AccessRecord, Observer
 from easybackend.model import (
     NEW,
     Answer,
@@ -118,7 +119,9 @@ class ConversationService:
         clock: IReactorTime,
         settings: CoreSettings = CoreSettings(),
         limiter: Limiter | None = None,
+        observer: Observer | None = None,
     ) -> None:
+        self.observer = observer if observer is not None else Observer()
         self.limiter = limiter if limiter is not None else Limiter(clock)
         self.store = store
         self.upstream = upstream
@@ -146,7 +149,56 @@ class ConversationService:
         C{parent_id}), L{PromptTooLong}, L{NoUpstream}, or an
         L{UpstreamError} subclass.
         """
-        return _deferred(self._ask(request, on_piece))
+        return _deferred(self._observed(request, on_piece))
+
+    async def _observed(
+        self, request: AskRequest, on_piece: Callable[[str], None]
+    ) -> Answer:
+        """Run the ask, then write its access line and count it."""
+        clock = self._clock
+        started = clock.seconds()
+        first: list[float] = []
+
+        def piece(text: str) -> None:
+            if not first:
+                first.append(clock.seconds() - started)
+            on_piece(text)
+
+        status, answer, upstream_status, retries = "ok", None, None, None
+        self.observer.metrics.in_flight.inc()
+        try:
+            answer = await self._ask(request, piece)
+            upstream_status, retries = answer.upstream_status, answer.retries
+            return answer
+        except CancelledError:
+            status = "cancelled"
+            raise
+        except EasyBackendError as e:
+            status = e.code
+            upstream_status = getattr(e, "status", None)
+            raise
+        except BaseException:
+            status = "internal"
+            raise
+        finally:
+            self.observer.metrics.in_flight.dec()
+            usage = answer.usage if answer else None
+            self.observer.record(AccessRecord(
+                transport=request.transport,
+                kind="ask",
+                status=status,
+                latency=clock.seconds() - started,
+                request_id=request.request_id,
+                conversation_id=answer.conversation_id if answer else request.conversation_id,
+                key=request.owner,
+                first_piece=first[0] if first else None,
+                tokens_in=usage.prompt_tokens if usage else None,
+                tokens_out=usage.completion_tokens if usage else None,
+                upstream_status=upstream_status,
+                retries=retries,
+                prompt=request.prompt,
+                answer=answer.text if answer else None,
+            ))
 
     async def _ask(
         self, request: AskRequest, on_piece: Callable[[str], None]
@@ -226,6 +278,8 @@ class ConversationService:
             usage=completion.usage,
             finish_reason=completion.finish_reason,
             prompt_message_id=prompt_id,
+            upstream_status=completion.status,
+            retries=completion.retries,
         )
 
     async def _leaf(

@@ -69,6 +69,9 @@ _CONNECTION_ERRORS = (
 )
 #: How much of a 2xx answer that is not an event stream we read.
 _MAX_PLAIN_BODY = 4 << 20
+#: After C{data: [DONE]}, how long we wait for the body to end, so that the
+#: connection goes back to the pool before the answer is reported.
+_DONE_GRACE = 1.0
 
 
 @implementer(IBodyProducer)
@@ -265,6 +268,7 @@ class _Call:
         self._model = request.model
         self.result: Deferred[Completion] = Deferred(self._cancel)
         self._done = False
+        self._saw_done = False
         self._started = False
         self._retries = 0
         self._pieces: list[str] = []
@@ -282,7 +286,7 @@ class _Call:
         self._idle_call: IDelayedCall | None = None
         self._total_call: IDelayedCall | None = None
         self._backoff_call: IDelayedCall | None = None
-        self._drain_call: IDelayedCall | None = None
+        self._grace_call: IDelayedCall | None = None
 
     # --- attempts ---------------------------------------------------------
 
@@ -411,7 +415,7 @@ class _Call:
     # --- the event stream: the hot path -----------------------------------
 
     def _stream_data(self, data: bytes) -> None:
-        if self._done:
+        if self._done or self._saw_done:
             return
         if self._idle_call is not None:
             self._idle_call.reset(self._upstream._idle_timeout)
@@ -423,7 +427,7 @@ class _Call:
         for event in events:
             payload = event.data
             if payload == "[DONE]":
-                self._succeed()
+                self._got_done()
                 return
             try:
                 chunk = json.loads(payload)
@@ -484,10 +488,30 @@ class _Call:
             except Exception:
                 self._fail(Failure())
 
+    def _got_done(self) -> None:
+        """
+        C{data: [DONE]}: the answer is complete.  Report it once the body
+        ends, which it does at once (in the same read, usually): by then
+        the pool has the connection back for the next request.
+        """
+        self._saw_done = True
+        _cancel(self._idle_call)
+        _cancel(self._total_call)
+        self._grace_call = self._reactor.callLater(_DONE_GRACE, self._grace_expired)
+
+    def _grace_expired(self) -> None:
+        """The body did not end after C{[DONE]}: close it, keep the answer."""
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.abort()
+        self._succeed()
+
     def _stream_end(self, reason: Failure) -> None:
         self._reader = None
-        _cancel(self._drain_call)
         if self._done:
+            return
+        if self._saw_done:
+            self._succeed()
             return
         if reason.check(ResponseDone, PotentialDataLoss):
             error = UpstreamError("upstream stream ended before [DONE]")
@@ -600,15 +624,9 @@ class _Call:
         self._done = True
         for call in (
             self._headers_call, self._idle_call, self._total_call,
-            self._backoff_call,
+            self._backoff_call, self._grace_call,
         ):
             _cancel(call)
-        if self._reader is not None:
-            # [DONE] came; the body should end right after it.  If it does
-            # not, close the connection rather than leave it hanging.
-            self._drain_call = self._reactor.callLater(
-                self._upstream._idle_timeout or 30.0, self._drain_expired
-            )
         self.result.callback(
             Completion(
                 text="".join(self._pieces),
@@ -619,11 +637,6 @@ class _Call:
                 status=self._status,
             )
         )
-
-    def _drain_expired(self) -> None:
-        reader, self._reader = self._reader, None
-        if reader is not None:
-            reader.abort()
 
     def _timed_out(self, message: str) -> None:
         self._fail(UpstreamTimeout(message))
@@ -644,7 +657,7 @@ class _Call:
         self._done = True
         for call in (
             self._headers_call, self._idle_call, self._total_call,
-            self._backoff_call, self._drain_call,
+            self._backoff_call, self._grace_call,
         ):
             _cancel(call)
         pending, self._pending = self._pending, None

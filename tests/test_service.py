@@ -390,3 +390,58 @@ class OwnerTests(TestCase):
                          ["owned"])
         view = await core.get_conversation("owned", owner="alice")
         self.assertEqual(len(view.messages), 2)
+
+
+class AccessLogTests(TestCase):
+    """Every ask leaves one access line and counts in the metrics."""
+
+    def capture(self) -> list[dict]:
+        from twisted.logger import globalLogPublisher
+
+        events: list[dict] = []
+        observer = events.append
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        return events
+
+    async def test_access_line_without_content(self) -> None:
+        """
+        When an ask finishes, then one access line says its transport, key
+        name, conversation, status, latency, time to first piece and
+        tokens, and neither prompt nor answer by default.
+        """
+        from easybackend.observe import Observer
+
+        events = self.capture()
+        observer = Observer()
+        core = await make_core(self, OfflineUpstream(_reactor(), interval=0), observer=observer)
+        answer = await core.ask(ask("secret prompt text", "logged", owner="alice",
+                                    transport="http", request_id="r1"), lambda p: None)
+        access = [e["access"] for e in events if "access" in e]
+        self.assertEqual(len(access), 1)
+        line = access[0]
+        self.assertEqual((line["transport"], line["kind"], line["status"], line["key"],
+                          line["conversation_id"], line["request_id"]),
+                         ("http", "ask", "ok", "alice", "logged", "r1"))
+        self.assertGreaterEqual(line["first_piece"], 0)
+        self.assertGreaterEqual(line["latency"], line["first_piece"])
+        self.assertGreater(line["tokens_out"], 0)
+        text = repr(events)
+        self.assertNotIn("secret prompt text", text)
+        self.assertNotIn(answer.text, text)
+        self.assertEqual(observer.metrics.registry.get_sample_value(
+            "easybackend_requests_total",
+            {"transport": "http", "kind": "ask", "status": "ok"}), 1.0)
+
+    async def test_failed_ask_logged_with_code(self) -> None:
+        """When an ask fails, then its access line carries the error code; with
+        content logging on, the prompt appears."""
+        from easybackend.observe import Observer
+
+        events = self.capture()
+        core = await make_core(self, None, observer=Observer(log_content=True))
+        with self.assertRaises(NoUpstream):
+            await core.ask(ask("visible prompt"), lambda p: None)
+        access = [e["access"] for e in events if "access" in e]
+        self.assertEqual(access[0]["status"], "no_upstream")
+        self.assertEqual(access[0]["prompt"], "visible prompt")

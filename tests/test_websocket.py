@@ -847,3 +847,208 @@ class FactoryTests(SynchronousTestCase):
         self.assertEqual(factory.numPorts, 1)
         factory.doStop()
         self.assertEqual(factory.numPorts, 0)
+
+
+# --- end to end: the real core, a real store ----------------------------------
+
+
+class HangingUpstream:
+    """
+    An upstream that passes on one piece, then waits until cancelled;
+    C{cancels} gets each request whose cancel reached it.
+    """
+
+    def __init__(self) -> None:
+        self.requests: list[Any] = []
+        self.cancels: DeferredQueue[Any] = DeferredQueue()
+        self.started: DeferredQueue[Any] = DeferredQueue()
+
+    def stream_chat(self, request: Any, on_piece: Callable[[str], None]) -> Deferred:
+        self.requests.append(request)
+        d: Deferred = Deferred(lambda d: self.cancels.put(request))
+        on_piece("partial ")
+        reactor.callLater(0, self.started.put, request)
+        return d
+
+
+class EndToEndTests(WebSocketTestMixin, TestCase):
+    """The WebSocket transport over the real core, store and upstream."""
+
+    @inlineCallbacks
+    def serve(self, upstream: Any):
+        from easybackend.testing.fixtures import make_core
+
+        self.core = yield Deferred.fromCoroutine(make_core(self, upstream))
+        self.start_server(self.core)
+        self.ws_port = yield self.listen(self.server_factory)
+        client = yield self.connect(self.ws_port)
+        return client
+
+    def offline(self) -> Any:
+        from easybackend.offline import OfflineUpstream
+
+        return OfflineUpstream(reactor, interval=0.001)
+
+    @inlineCallbacks
+    def collect(self, client: Client, ask_id: Any):
+        """The deltas' text and the final message of C{ask_id}."""
+        text = []
+        while True:
+            message = yield client.next()
+            self.assertEqual(message["id"], ask_id, message)
+            if message["type"] != "delta":
+                return "".join(text), message
+            text.append(message["text"])
+
+    @inlineCallbacks
+    def test_conversation(self):
+        """
+        Ask on C{new}; ask again on the id the first answer gave: the core
+        remembers the first turn; both turns are stored.
+        """
+        client = yield self.serve(self.offline())
+        client.send_json(ask("1", "new", "Hello"))
+        first, done = yield self.collect(client, "1")
+        self.assertEqual(done["type"], "done")
+        self.assertIn("Hello", first)
+        self.assertEqual(done["model"], "offline")
+        self.assertEqual(done["finish_reason"], "stop")
+        self.assertGreater(done["usage"]["total_tokens"], 0)
+        cid = done["conversation_id"]
+        client.send_json(ask("2", cid, "Again"))
+        second, done2 = yield self.collect(client, "2")
+        self.assertIn("I see 1 earlier turn", second)
+        view = yield self.core.get_conversation(cid)
+        self.assertEqual(
+            [(m.role, m.content) for m in view.messages],
+            [("user", "Hello"), ("assistant", first),
+             ("user", "Again"), ("assistant", second)],
+        )
+        self.assertEqual(view.messages[-1].id, done2["message_id"])
+        self.assertEqual(view.messages[-2].id, done2["prompt_message_id"])
+
+    @inlineCallbacks
+    def test_text_protocol(self):
+        client = yield self.serve(self.offline())
+        client.send_text("<|ask|>$notes-1$costs $5 or $6?")
+        pieces = []
+        while True:
+            piece = yield client.next()
+            if piece == TEXT_END:
+                break
+            pieces.append(piece)
+        self.assertGreater(len(pieces), 1)
+        view = yield self.core.get_conversation("notes-1")
+        self.assertEqual(
+            [(m.role, m.content) for m in view.messages],
+            [("user", "costs $5 or $6?"), ("assistant", "".join(pieces))],
+        )
+        client.send_text("<|ask|>$notes-1$  ")
+        self.assertEqual((yield client.next()), '<|err|>$"prompt" must not be empty')
+
+    @inlineCallbacks
+    def test_several_conversations_in_flight(self):
+        client = yield self.serve(self.offline())
+        for i in range(3):
+            client.send_json(ask(i, f"conv-{i}", f"prompt number {i}"))
+        texts: dict[int, list[str]] = {0: [], 1: [], 2: []}
+        done = {}
+        while len(done) < 3:
+            message = yield client.next()
+            if message["type"] == "delta":
+                texts[message["id"]].append(message["text"])
+            else:
+                self.assertEqual(message["type"], "done", message)
+                done[message["id"]] = message
+        for i in range(3):
+            self.assertEqual(done[i]["conversation_id"], f"conv-{i}")
+            self.assertIn(f"prompt number {i}", "".join(texts[i]))
+
+    @inlineCallbacks
+    def test_core_error_codes(self):
+        """The core's errors reach the client with their codes."""
+        client = yield self.serve(self.offline())
+        client.send_json(ask("p", "new", "x", parent_id="msg_nope"))
+        _, error = yield self.collect(client, "p")
+        self.assertEqual(
+            (error["type"], error["code"]), ("error", "not_found"), error
+        )
+
+    @inlineCallbacks
+    def test_no_upstream(self):
+        client = yield self.serve(None)
+        client.send_json(ask("n", "new", "x"))
+        _, error = yield self.collect(client, "n")
+        self.assertEqual(error["code"], "no_upstream")
+        self.assertIn("--offline", error["message"])
+
+    @inlineCallbacks
+    def test_cancel_stores_nothing(self):
+        """
+        C{cancel} reaches the upstream, the client hears C{cancelled}, and
+        the conversation stays as it was.
+        """
+        upstream = HangingUpstream()
+        client = yield self.serve(upstream)
+        client.send_json(ask("c", "kept-1", "hello"))
+        self.assertEqual(
+            (yield client.next()), {"type": "delta", "id": "c", "text": "partial "}
+        )
+        client.send_json({"type": "cancel", "id": "c"})
+        yield timeout(upstream.cancels.get())
+        self.assertEqual((yield client.next()), {"type": "cancelled", "id": "c"})
+        e = yield self.assertFailure(
+            self.core.get_conversation("kept-1"), NotFound
+        )
+        self.assertIn("kept-1", e.message)
+
+    @inlineCallbacks
+    def test_disconnect_stores_nothing(self):
+        upstream = HangingUpstream()
+        client = yield self.serve(upstream)
+        client.send_json(ask("c", "kept-2", "hello"))
+        yield client.next()
+        client.transport.abortConnection()
+        yield timeout(upstream.cancels.get())
+        yield self.assertFailure(self.core.get_conversation("kept-2"), NotFound)
+
+    @inlineCallbacks
+    def test_same_conversation_waits(self):
+        """
+        Two asks on one conversation from one socket: the core runs the
+        second after the first ended (here: was cancelled).
+        """
+        upstream = HangingUpstream()
+        client = yield self.serve(upstream)
+        client.send_json(ask("a", "shared", "first"))
+        client.send_json(ask("b", "shared", "second"))
+        yield timeout(upstream.started.get())
+        self.assertEqual((yield client.next())["id"], "a")
+        yield client.barrier()
+        self.assertEqual(len(upstream.requests), 1)
+        client.send_json({"type": "cancel", "id": "a"})
+        self.assertEqual((yield client.next()), {"type": "cancelled", "id": "a"})
+        request = yield timeout(upstream.started.get())
+        self.assertEqual(request.messages[-1].content, "second")
+        self.assertEqual((yield client.next()), {"type": "delta", "id": "b", "text": "partial "})
+
+    @inlineCallbacks
+    def test_ws_on_the_http_site(self):
+        """
+        C{/ws} on the HTTP transport (the lead's Klein app) speaks the same
+        protocol, next to the HTTP routes.
+        """
+        from easybackend.testing.fixtures import serve_http
+
+        yield self.serve(self.offline())
+        base = yield Deferred.fromCoroutine(
+            serve_http(self, self.core, websocket=websocket_resource(self.server_factory))
+        )
+        port = int(base.rsplit(":", 1)[1])
+        client = yield self.connect(port, "/ws")
+        client.send_json(ask("h", "via-http", "over the HTTP port"))
+        text, done = yield self.collect(client, "h")
+        self.assertEqual(done["conversation_id"], "via-http")
+        self.assertIn("over the HTTP port", text)
+        view = yield self.core.get_conversation("via-http")
+        self.assertEqual(view.messages[0].content, "over the HTTP port")

@@ -45,6 +45,7 @@ async def make_core(
     settings: CoreSettings = CoreSettings(),
     store: Store | None = None,
     clock: Any = None,
+    **services: Any,
 ) -> ConversationService:
     """A real conversation service over a real store and C{upstream}."""
     if clock is None:
@@ -57,6 +58,7 @@ async def make_core(
         tokens=lambda: succeed(token_counter()),
         clock=clock,
         settings=settings,
+        **services,
     )
 
 
