@@ -1052,3 +1052,108 @@ class EndToEndTests(WebSocketTestMixin, TestCase):
         self.assertIn("over the HTTP port", text)
         view = yield self.core.get_conversation("via-http")
         self.assertEqual(view.messages[0].content, "over the HTTP port")
+
+
+class FakeUpstreamTests(WebSocketTestMixin, TestCase):
+    """
+    End to end down to the wire: the real core and treq client against the
+    fake OpenAI upstream, which tells when its connection closes.
+    """
+
+    @inlineCallbacks
+    def serve(self):
+        from easybackend.testing.fake_upstream import FakeUpstream
+        from easybackend.testing.fixtures import make_core
+        from easybackend.upstream import OpenAIUpstream
+
+        self.fake = FakeUpstream(reactor)
+        yield self.fake.listen(0)
+        self.addCleanup(self.fake.stop)
+        upstream = OpenAIUpstream(
+            reactor, base_url=self.fake.base_url, api_key="sk-test",
+            max_retries=0,
+        )
+        self.addCleanup(upstream.close)
+        self.core = yield Deferred.fromCoroutine(make_core(self, upstream))
+        self.start_server(self.core)
+        port = yield self.listen(self.server_factory)
+        client = yield self.connect(port)
+        return client
+
+    @inlineCallbacks
+    def test_streams_the_upstream_answer(self):
+        from easybackend.testing.fake_upstream import Stream
+
+        client = yield self.serve()
+        self.fake.script(Stream(pieces=4))
+        client.send_json(ask("s", "wire-1", "hello"))
+        deltas = []
+        while True:
+            message = yield client.next()
+            if message["type"] != "delta":
+                break
+            deltas.append(message["text"])
+        self.assertEqual(message["type"], "done", message)
+        self.assertEqual(len(deltas), 4)
+        self.assertEqual("".join(deltas), "You said: hello (1 message received)")
+        self.assertEqual(message["conversation_id"], "wire-1")
+        self.assertEqual(message["finish_reason"], "stop")
+        self.assertGreater(message["usage"]["total_tokens"], 0)
+        view = yield self.core.get_conversation("wire-1")
+        self.assertEqual(view.messages[-1].content, "".join(deltas))
+
+    @inlineCallbacks
+    def check_closed_upstream(self, stop: Callable[[Client], None],
+                              cid: str):
+        """
+        Start an answer that hangs after one piece, C{stop} it from the
+        client: the upstream connection closes and nothing is stored.
+        """
+        from easybackend.testing.fake_upstream import Stream
+
+        client = yield self.serve()
+        self.fake.script(Stream(pieces=5, fault="hang", fault_after=1))
+        client.send_json(ask("x", cid, "tell me a long story"))
+        first = yield client.next()
+        self.assertEqual((first["type"], first["id"]), ("delta", "x"))
+        received = yield timeout(self.fake.wait_for_request(0))
+        self.assertFalse(received.connection_lost.called)
+        stop(client)
+        yield timeout(received.connection_lost)
+        yield self.assertFailure(self.core.get_conversation(cid), NotFound)
+        return client
+
+    @inlineCallbacks
+    def test_cancel_closes_the_upstream_connection(self):
+        client = yield self.check_closed_upstream(
+            lambda c: c.send_json({"type": "cancel", "id": "x"}), "wire-cancel"
+        )
+        self.assertEqual((yield client.next()), {"type": "cancelled", "id": "x"})
+        # The socket goes on.
+        client.send_json(ask("y", "wire-cancel", "short one"))
+        message = yield client.next()
+        self.assertEqual((message["type"], message["id"]), ("delta", "y"))
+
+    def test_disconnect_closes_the_upstream_connection(self):
+        return self.check_closed_upstream(
+            lambda c: c.transport.abortConnection(), "wire-abort"
+        )
+
+    def test_clean_close_closes_the_upstream_connection(self):
+        return self.check_closed_upstream(lambda c: c.sendClose(), "wire-close")
+
+    @inlineCallbacks
+    def test_upstream_errors(self):
+        from easybackend.testing.fake_upstream import Status
+
+        client = yield self.serve()
+        self.fake.script(Status(429, retry_after="1"), Status(500), Status(400))
+        expected = ["upstream_rate_limited", "upstream_unavailable",
+                    "upstream_error"]
+        for i, code in enumerate(expected):
+            client.send_json(ask(i, f"err-{i}", "x"))
+            message = yield client.next()
+            self.assertEqual(
+                (message["type"], message["id"], message["code"]),
+                ("error", i, code), message,
+            )

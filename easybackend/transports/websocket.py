@@ -95,10 +95,9 @@ CLOSE_GOING_AWAY = WebSocketProtocol.CLOSE_STATUS_CODE_GOING_AWAY
 class _Ask:
     """One ask in flight on a connection."""
 
-    def __init__(self, key: object, ask_id: object) -> None:
+    def __init__(self, key: object) -> None:
+        #: its key in L{ChatServerProtocol.in_flight}
         self.key = key
-        #: the client's id (JSON), or None (text protocol)
-        self.ask_id = ask_id
         #: False once the ask ended or was cancelled: no more frames for it
         self.active = True
         self.deferred: Deferred[Answer] | None = None
@@ -242,7 +241,7 @@ class ChatServerProtocol(WebSocketServerProtocol):
         except EasyBackendError as e:
             self._send_error(ask_id, e.code, e.message)
             return
-        ask = _Ask(ask_id, ask_id)
+        ask = _Ask(ask_id)
 
         def on_piece(piece: str) -> None:
             if ask.active:
@@ -301,7 +300,7 @@ class ChatServerProtocol(WebSocketServerProtocol):
         except EasyBackendError as e:
             self._send_text(f"{TEXT_ERR}${e.message}")
             return
-        ask = _Ask(key, None)
+        ask = _Ask(key)
 
         def on_piece(piece: str) -> None:
             if ask.active:
@@ -397,15 +396,18 @@ class ChatServerProtocol(WebSocketServerProtocol):
         return self.state == WebSocketProtocol.STATE_OPEN
 
     def _send_json(self, message: dict[str, Any]) -> None:
-        if self._is_open():
-            self.sendMessage(
-                json.dumps(message, ensure_ascii=False).encode("utf-8"),
-                isBinary=False,
-            )
+        self._send(json.dumps(message, ensure_ascii=False))
 
     def _send_text(self, text: str) -> None:
+        self._send(text)
+
+    def _send(self, text: str) -> None:
+        """Send a text frame while the connection is open; never raise."""
         if self._is_open():
-            self.sendMessage(text.encode("utf-8"), isBinary=False)
+            try:
+                self.sendMessage(text.encode("utf-8"), isBinary=False)
+            except Exception:
+                log.failure("could not send a WebSocket message")
 
     def _send_error(self, ask_id: object, code: str, message: str) -> None:
         self._send_json(
