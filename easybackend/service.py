@@ -129,6 +129,8 @@ class ConversationService:
         self._clock = clock
         self.settings = settings
         self._locks: dict[str, DeferredLock] = {}
+        self._in_flight: set[Deferred[Answer]] = set()
+        self._idle: list[Deferred[None]] = []
 
     def warm_up(self) -> None:
         """Start loading what the first ask needs, so that it does not wait."""
@@ -149,7 +151,45 @@ class ConversationService:
         C{parent_id}), L{PromptTooLong}, L{NoUpstream}, or an
         L{UpstreamError} subclass.
         """
-        return _deferred(self._observed(request, on_piece))
+        d = _deferred(self._observed(request, on_piece))
+        self._in_flight.add(d)
+        d.addBoth(self._ask_ended, d)
+        return d
+
+    def _ask_ended(self, result: Any, d: "Deferred[Answer]") -> Any:
+        self._in_flight.discard(d)
+        if not self._in_flight:
+            idle, self._idle = self._idle, []
+            for waiter in idle:
+                waiter.callback(None)
+        return result
+
+    def drain(self, grace: float) -> "Deferred[int]":
+        """
+        For a graceful shutdown: let the asks in flight finish for up to
+        C{grace} seconds, then cancel the rest (nothing of theirs is
+        stored).  Fires with how many were cancelled.
+        """
+        if not self._in_flight:
+            return succeed(0)
+        idle: Deferred[None] = Deferred()
+        self._idle.append(idle)
+
+        def cancel_rest() -> None:
+            late = list(self._in_flight)
+            result.append(len(late))
+            for d in late:
+                d.cancel()
+
+        result: list[int] = []
+        call = self._clock.callLater(grace, cancel_rest)
+
+        def done(_: object) -> int:
+            if call.active():
+                call.cancel()
+            return result[0] if result else 0
+
+        return idle.addCallback(done)
 
     async def _observed(
         self, request: AskRequest, on_piece: Callable[[str], None]

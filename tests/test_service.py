@@ -445,3 +445,40 @@ class AccessLogTests(TestCase):
         access = [e["access"] for e in events if "access" in e]
         self.assertEqual(access[0]["status"], "no_upstream")
         self.assertEqual(access[0]["prompt"], "visible prompt")
+
+
+class DrainTests(TestCase):
+    """Graceful shutdown in the core."""
+
+    async def test_drain_waits_then_cancels(self) -> None:
+        """
+        When the server drains, then an ask that finishes within the grace
+        period is stored, and one still running when it ends is cancelled
+        and stores nothing.
+        """
+        from twisted.internet.task import Clock
+
+        clock = Clock()
+        upstream = ScriptedUpstream()
+        core = await make_core(self, upstream, clock=clock)
+        calls = [upstream.next_call(), upstream.next_call()]
+        quick = core.ask(ask("quick", "q"), lambda p: None)
+        slow = core.ask(ask("slow", "s"), lambda p: None)
+        c1, c2 = await calls[0], await calls[1]
+        drained = core.drain(10)
+        self.assertNoResult(drained)
+        c1.finish()
+        await quick
+        self.assertNoResult(drained)
+        clock.advance(10)
+        self.assertTrue(c2.cancelled)
+        self.failureResultOf(slow, CancelledError)
+        self.assertEqual(await within(drained), 1)
+        self.assertEqual(len((await core.get_conversation("q")).messages), 2)
+        with self.assertRaises(NotFound):
+            await core.get_conversation("s")
+
+    async def test_drain_idle(self) -> None:
+        """When nothing is in flight, then draining is immediate."""
+        core = await make_core(self, ScriptedUpstream())
+        self.assertEqual(self.successResultOf(core.drain(10)), 0)

@@ -1157,3 +1157,19 @@ class FakeUpstreamTests(WebSocketTestMixin, TestCase):
                 (message["type"], message["id"], message["code"]),
                 ("error", i, code), message,
             )
+
+
+class SendFailureTests(WebSocketTestMixin, TestCase):
+    @inlineCallbacks
+    def test_bad_answer_gets_internal_error(self):
+        """A failure turning the answer into its message is not silent."""
+        client = yield self.server_and_client()
+        client.send_json(ask("z"))
+        fake = yield self.service.next_ask()
+        fake.deferred.callback("not an Answer")
+        self.assertEqual(
+            (yield client.next()),
+            {"type": "error", "id": "z", "code": "internal",
+             "message": "internal error"},
+        )
+        self.assertEqual(len(self.flushLoggedErrors(AttributeError)), 1)

@@ -355,7 +355,10 @@ class ChatServerProtocol(WebSocketServerProtocol):
 
         def ok(answer: Answer) -> None:
             finish()
-            done(answer)
+            try:
+                done(answer)
+            except Exception:
+                failed(Failure())  # logs it, tells the client "internal"
 
         def bad(failure: Failure) -> None:
             finish()
