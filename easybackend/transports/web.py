@@ -30,6 +30,7 @@ from easybackend.errors import (
 )
 from easybackend.model import AskRequest
 from easybackend.service import ConversationService
+from easybackend.transports import pages
 
 log = Logger()
 
@@ -254,6 +255,19 @@ class WebApp:
         turns = self._body(request, required=False).get("turns", 1)
         view = await self.service.rollback(conversation_id, turns)
         return self._json(request, view.to_dict())
+
+    @app.route("/", methods=["GET"])
+    def page(self, request: IRequest) -> bytes:
+        request.setHeader("content-type", "text/html; charset=utf-8")
+        return pages.index_html()
+
+    @app.route("/openapi.json", methods=["GET"])
+    def openapi(self, request: IRequest) -> bytes:
+        return self._json(request, pages.openapi_document())
+
+    @app.route("/docs", branch=True, methods=["GET"])
+    def docs(self, request: IRequest) -> IResource:
+        return pages.docs_resource()
 
     @app.route("/ws", methods=["GET"])
     def websocket_route(self, request: IRequest) -> IResource:

@@ -86,8 +86,6 @@ TEXT_USAGE = (
     '{"type": "ask", "id": "1", "conversation_id": "new", "prompt": "..."}'
 )
 
-#: The close code Autobahn sends for a message over the size limit.
-CLOSE_MESSAGE_TOO_BIG = WebSocketProtocol.CLOSE_STATUS_CODE_MESSAGE_TOO_BIG
 #: The close code sent to every client when the factory stops.
 CLOSE_GOING_AWAY = WebSocketProtocol.CLOSE_STATUS_CODE_GOING_AWAY
 
