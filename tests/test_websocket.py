@@ -278,7 +278,7 @@ class JSONProtocolTests(WebSocketTestMixin, TestCase):
             AskRequest(
                 conversation_id="new", prompt="p", system_prompt="be brief",
                 model="m1", temperature=0.5, max_tokens=10, parent_id="msg-3",
-                request_id="7",
+                request_id="7", transport="websocket",
             ),
         )
         fake.answer("x", conversation_id="c-new")
@@ -565,6 +565,7 @@ class TextProtocolTests(WebSocketTestMixin, TestCase):
         fake = yield self.service.next_ask()
         self.assertEqual(fake.request.conversation_id, "conv-9")
         self.assertEqual(fake.request.prompt, "what is $5 + $6?")
+        self.assertEqual(fake.request.transport, "websocket")
         fake.on_piece("eleven")
         fake.on_piece(" dollars")
         fake.answer("eleven dollars")
@@ -711,30 +712,62 @@ class DisconnectTests(WebSocketTestMixin, TestCase):
         self.assertEqual((yield client.next())["type"], "done")
 
     @inlineCallbacks
-    def test_stopping_the_port_closes_connections(self):
+    def test_stopping_the_port_leaves_connections(self):
         """
-        When the last port using the factory stops, the open connections
-        close with 1001 (going away) and their asks are cancelled (the
-        client hears C{cancelled} first).
+        Stopping the listener leaves open connections and their asks alone,
+        so that a graceful shutdown can let them finish.
         """
         client = yield self.server_and_client()
         client.send_json(ask("a"))
         fake = yield self.service.next_ask()
         yield self.port.stopListening()
-        yield timeout(fake.cancelled)
-        self.assertEqual((yield client.next()), {"type": "cancelled", "id": "a"})
-        was_clean, code, reason = yield timeout(client.closed)
-        self.assertEqual(code, 1001)
+        fake.on_piece("still")
+        fake.answer("still")
+        self.assertEqual((yield client.next())["text"], "still")
+        self.assertEqual((yield client.next())["type"], "done")
+        self.assertFalse(fake.cancelled.called)
 
     @inlineCallbacks
-    def test_stopping_the_factory_service_closes_connections(self):
-        """The same for a factory only mounted on the HTTP site."""
+    def test_close_all(self):
+        """
+        C{close_all} cancels the asks in flight (the client hears
+        C{cancelled} first), closes with 1001 (going away), and fires once
+        the connections are gone.
+        """
+        client = yield self.server_and_client()
+        client.send_json(ask("a"))
+        client.send_text("<|ask|>$c$x")
+        json_ask = yield self.service.next_ask()
+        text_ask = yield self.service.next_ask()
+        yield timeout(self.server_factory.close_all())
+        self.assertEqual(self.server_factory.connections, set())
+        self.assertTrue(json_ask.cancelled.called)
+        self.assertTrue(text_ask.cancelled.called)
+        got = [(yield client.next()), (yield client.next())]
+        self.assertEqual(
+            sorted(map(str, got)),
+            sorted(map(str, [{"type": "cancelled", "id": "a"},
+                             "<|err|>$cancelled"])),
+        )
+        was_clean, code, reason = yield timeout(client.closed)
+        self.assertEqual((was_clean, code, reason),
+                         (True, 1001, "server shutting down"))
+        # Nothing left to close:
+        yield timeout(self.server_factory.close_all())
+
+    @inlineCallbacks
+    def test_resource_factory_service(self):
+        """
+        A factory only mounted on the HTTP site, run by its service, is
+        closed the same way.
+        """
         from twisted.web.resource import Resource
 
         self.service = FakeService()
         factory = self.start_server(self.service)
         service = WebSocketFactoryService(factory)
         service.startService()
+        self.assertEqual(factory.numPorts, 1)
         root = Resource()
         root.putChild(b"ws", websocket_resource(factory))
         port = yield self.listen(Site(root))
@@ -742,7 +775,9 @@ class DisconnectTests(WebSocketTestMixin, TestCase):
         client.send_text("<|ask|>$c$x")
         fake = yield self.service.next_ask()
         service.stopService()
-        yield timeout(fake.cancelled)
+        self.assertEqual(factory.numPorts, 0)
+        yield timeout(factory.close_all())
+        self.assertTrue(fake.cancelled.called)
         self.assertEqual((yield client.next()), "<|err|>$cancelled")
         was_clean, code, reason = yield timeout(client.closed)
         self.assertEqual(code, 1001)

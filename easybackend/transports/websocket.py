@@ -52,7 +52,9 @@ from twisted.internet.defer import (
     CancelledError,
     Deferred,
     DeferredLock,
+    gatherResults,
     maybeDeferred,
+    succeed,
 )
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -131,6 +133,8 @@ class ChatServerProtocol(WebSocketServerProtocol):
         self.in_flight: dict[object, _Ask] = {}
         self._text_lock = DeferredLock()
         self._text_count = 0
+        #: Deferreds of L{when_closed}; None once closed
+        self._close_waiters: list[Deferred[None]] | None = []
 
     # --- Autobahn's callbacks: nothing raises out of them -----------------
 
@@ -170,6 +174,18 @@ class ChatServerProtocol(WebSocketServerProtocol):
             self.cancel_all()
         except Exception:
             log.failure("unexpected failure closing a WebSocket connection")
+        finally:
+            waiters, self._close_waiters = self._close_waiters, None
+            for d in waiters or ():
+                d.callback(None)
+
+    def when_closed(self) -> "Deferred[None]":
+        """Fires once this connection is closed (at once if it is)."""
+        if self._close_waiters is None:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._close_waiters.append(d)
+        return d
 
     # --- parsing -----------------------------------------------------------
 
@@ -234,7 +250,8 @@ class ChatServerProtocol(WebSocketServerProtocol):
                     '(an id, or "new")'
                 )
             request = AskRequest.from_mapping(
-                conversation_id, message, request_id=str(ask_id)
+                conversation_id, message, request_id=str(ask_id),
+                transport="websocket",
             )
         except EasyBackendError as e:
             self._send_error(ask_id, e.code, e.message)
@@ -294,6 +311,7 @@ class ChatServerProtocol(WebSocketServerProtocol):
             request = AskRequest.from_mapping(
                 conversation_id, {"prompt": prompt},
                 request_id=f"text-{self._text_count}",
+                transport="websocket",
             )
         except EasyBackendError as e:
             self._send_text(f"{TEXT_ERR}${e.message}")
@@ -442,20 +460,24 @@ class ChatServerFactory(WebSocketServerFactory):
         self.service = service
         self.connections: set[ChatServerProtocol] = set()
 
-    def stopFactory(self) -> None:
-        """
-        Close every connection still open, with 1001 (going away), and
-        cancel its asks in flight.  Called by Twisted when the last port
-        using this factory stops, or by L{WebSocketFactoryService}.
-        """
-        self.close_all()
-        super().stopFactory()
-
     def close_all(
         self, code: int = CLOSE_GOING_AWAY, reason: str = "server shutting down"
-    ) -> None:
+    ) -> "Deferred[None]":
+        """
+        Cancel the asks still in flight (JSON clients hear C{cancelled},
+        text clients C{<|err|>$cancelled}) and close every open connection
+        with C{code} (default 1001, going away).  Fires once every
+        connection is gone (Autobahn drops a peer that does not answer the
+        close within its close handshake timeout, 1 s).
+
+        For a graceful shutdown: stop listening, let the core drain its asks
+        in flight, then call this.  Stopping the factory does not close
+        connections by itself, so that a drain can let their asks finish.
+        """
+        waiting = []
         for protocol in list(self.connections):
             try:
+                waiting.append(protocol.when_closed())
                 protocol.cancel_all()
                 if protocol.state == WebSocketProtocol.STATE_OPEN:
                     # sendClose() refuses 1001, which is the right code for
@@ -466,6 +488,7 @@ class ChatServerFactory(WebSocketServerFactory):
                     )
             except Exception:
                 log.failure("unexpected failure closing a WebSocket connection")
+        return gatherResults(waiting).addCallback(lambda _: None)
 
 
 def make_websocket_factory(
@@ -528,8 +551,8 @@ def websocket_resource(factory: ChatServerFactory) -> WebSocketResource:
     C{/ws} on the HTTP site.
 
     C{WebSocketResource} does not start or stop its factory: run a
-    L{WebSocketFactoryService} for it next to the HTTP listener (its
-    C{stopService} closes the connections still open).
+    L{WebSocketFactoryService} for it next to the HTTP listener, and call
+    L{ChatServerFactory.close_all} at shutdown.
     """
     return WebSocketResource(factory)
 
@@ -538,7 +561,8 @@ class WebSocketFactoryService(Service):
     """
     Starts and stops a factory that no listening port owns, such as the one
     behind L{websocket_resource}.  Uses C{doStart}/C{doStop}, which count
-    users, so the same factory may also listen on its own port.
+    users, so the same factory may also listen on its own port.  Stopping
+    it leaves open connections alone: see L{ChatServerFactory.close_all}.
     """
 
     def __init__(self, factory: ChatServerFactory) -> None:
