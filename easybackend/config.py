@@ -51,6 +51,20 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _ping_seconds(text: str) -> float:
+    value = float(text)
+    if value != 0 and not value >= 1:
+        raise ValueError("must be 0 (off) or at least 1 (whole seconds)")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise ValueError("must be 0 or more")
+    return value
+
+
 def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -114,10 +128,13 @@ SETTINGS: tuple[Setting, ...] = (
             parse=_positive_int),
     Setting("ws-max-message", MIB, "largest WebSocket message, in bytes",
             parse=_positive_int),
-    Setting("ws-ping-interval", 20.0, "seconds between WebSocket pings",
-            parse=_positive_float),
+    Setting("ws-ping-interval", 20.0, "seconds between WebSocket pings, "
+            "0 for none", parse=_ping_seconds),
     Setting("ws-ping-timeout", 10.0, "seconds a WebSocket peer has to "
-            "answer a ping", parse=_positive_float),
+            "answer a ping, 0 to never drop", parse=_ping_seconds),
+    Setting("shutdown-grace", 10.0, "seconds asks in flight may take to "
+            "finish after SIGTERM before they are cancelled",
+            parse=_non_negative_float),
     Setting("cors-origins", "*", "comma-separated allowed CORS origins, "
             "or *"),
     Setting("offline-interval", 0.02, "seconds between the offline "
@@ -153,6 +170,7 @@ class Settings:
     ws_ping_timeout: float = 10.0
     cors_origins: tuple[str, ...] = ("*",)
     offline_interval: float = 0.02
+    shutdown_grace: float = 10.0
 
     @property
     def upstream_url(self) -> str | None:

@@ -117,3 +117,9 @@ class RateLimited(EasyBackendError):
     def __init__(self, message: str, retry_after: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class LockTimeout(EasyBackendError):
+    """Another turn held the conversation for longer than the wait allowed."""
+
+    code = "conversation_busy"

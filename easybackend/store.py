@@ -1,37 +1,60 @@
 """
-Conversations and their message trees, kept in SQLite through
-L{twisted.enterprise.adbapi}.
+Conversations and their message trees, kept in SQLite or PostgreSQL
+through L{twisted.enterprise.adbapi}.
 
-The pool holds exactly one connection, on one thread: SQLite allows one
-writer at a time, so one connection that does everything never waits on
-itself, and every call is a short transaction queued on that thread.
+L{Store.open} picks the database from its target: a C{postgresql://} (or
+C{postgres://}) URL opens PostgreSQL over psycopg 3 with a pool of
+connections; anything else is the path of an SQLite file, whose pool holds
+exactly one connection on one thread (SQLite allows one writer at a time,
+so one connection that does everything never waits on itself).  Every call
+is one short transaction on a pool thread.
 
 Messages form a tree through C{parent_id}; a conversation's C{leaf_id}
 names the end of its current branch.  Branching and rollback only move the
 leaf: nothing is ever rewritten, so older branches stay readable by id.
 
-Everything database-specific (connection arguments, per-connection
-settings, how a write transaction begins, the parameter style, the schema
-and how its version is kept) lives in one L{Dialect}; the queries in
-L{Store} are written in portable SQL with C{?} placeholders that the
-dialect rewrites.  Only SQLite is implemented.
+Everything database-specific (connection arguments, how a write or a
+migration transaction begins, the parameter style, column types, how the
+schema's version is kept, which errors mean the database is gone, and the
+cross-process conversation locks) lives in one L{Dialect}: L{SQLITE} or
+L{POSTGRES}.  The schema and the queries in L{Store} are shared, written in
+portable SQL with C{?} placeholders that the dialect rewrites.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
 import os
 import uuid
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Protocol, Sequence
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from attrs import define, evolve, field, frozen
 from twisted.enterprise import adbapi
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, DeferredSemaphore, fail, succeed
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
 
-from easybackend.errors import BadRequest, NotFound
+from easybackend.errors import BadRequest, EasyBackendError, LockTimeout, NotFound
 from easybackend.model import Conversation, Message, Turn, Usage
 
-__all__ = ["Store", "StoreError", "SQLiteDialect", "SQLITE", "title_for"]
+__all__ = [
+    "Dialect",
+    "Lease",
+    "POSTGRES",
+    "PostgresDialect",
+    "SQLITE",
+    "SQLiteDialect",
+    "Store",
+    "StoreError",
+    "StoreUnavailable",
+    "conversation_key",
+    "dialect_for",
+    "title_for",
+]
 
 _log = Logger()
 
@@ -39,79 +62,140 @@ _log = Logger()
 BUSY_TIMEOUT_MS = 5000
 #: The longest title made from a first prompt.
 TITLE_LENGTH = 60
+#: PostgreSQL: query connections per process, unless told otherwise.
+DEFAULT_POOL_SIZE = 5
+#: PostgreSQL: conversation locks held or awaited at once per process (each
+#: on its own connection), unless told otherwise.
+DEFAULT_LOCK_POOL_SIZE = 10
+#: PostgreSQL: seconds to wait for a new connection.
+CONNECT_TIMEOUT = 10
 
 
 class StoreError(Exception):
     """The database cannot be opened or migrated; the message names it."""
 
 
+class StoreUnavailable(StoreError, EasyBackendError):
+    """
+    The database could not be reached, or the connection broke, during a
+    call.  That call failed as a whole; the pool reconnects on the next.
+    """
+
+    code = "store_unavailable"
+
+
+def _advisory_key(space: bytes, name: str) -> int:
+    digest = hashlib.blake2b(name.encode(), digest_size=8, person=space).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def conversation_key(cid: str) -> int:
+    """The signed 64-bit PostgreSQL advisory lock key of conversation C{cid}."""
+    return _advisory_key(b"eb.turn", cid)
+
+
+#: The advisory lock key that migrations run under.
+MIGRATION_KEY = _advisory_key(b"eb.migrate", "schema")
+
+
 # --- the dialect seam --------------------------------------------------------
+
+#: Forward migrations, shared by every dialect: step N (1-based) brings the
+#: schema to version N; C{{real}} is the dialect's floating-point type.
+#: Append new steps; never edit a released one.
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """
+        CREATE TABLE conversations (
+            id            TEXT PRIMARY KEY,
+            title         TEXT NOT NULL DEFAULT '',
+            system_prompt TEXT,
+            system_tokens INTEGER NOT NULL DEFAULT 0,
+            model         TEXT,
+            owner         TEXT,
+            created       {real} NOT NULL,
+            updated       {real} NOT NULL,
+            leaf_id       TEXT
+        )
+        """,
+        """
+        CREATE TABLE messages (
+            id                TEXT PRIMARY KEY,
+            conversation_id   TEXT NOT NULL
+                REFERENCES conversations (id) ON DELETE CASCADE,
+            parent_id         TEXT REFERENCES messages (id),
+            role              TEXT NOT NULL,
+            content           TEXT NOT NULL,
+            tokens            INTEGER NOT NULL DEFAULT 0,
+            created           {real} NOT NULL,
+            model             TEXT,
+            finish_reason     TEXT,
+            prompt_tokens     INTEGER,
+            completion_tokens INTEGER,
+            total_tokens      INTEGER
+        )
+        """,
+        "CREATE INDEX conversations_by_updated"
+        " ON conversations (updated DESC, id)",
+        "CREATE INDEX conversations_by_owner"
+        " ON conversations (owner, updated DESC, id)",
+        "CREATE INDEX messages_by_conversation"
+        " ON messages (conversation_id, created)",
+        "CREATE INDEX messages_by_parent ON messages (parent_id)",
+    ),
+)
+
+
+def _migrations(**types: str) -> tuple[tuple[str, ...], ...]:
+    return tuple(tuple(s.format(**types) for s in step) for step in _MIGRATIONS)
+
+
+class Dialect(Protocol):
+    """What L{Store} asks of a database."""
+
+    #: the DB-API module adbapi imports
+    module: ClassVar[str]
+    #: run first in every write transaction, if anything
+    begin_write: ClassVar[str | None]
+    #: appended to a SELECT that is about to update the rows it reads
+    for_update: ClassVar[str]
+    migrations: ClassVar[tuple[tuple[str, ...], ...]]
+
+    def check_path(self, target: str) -> None: ...
+    def display(self, target: str) -> str: ...
+    def pool_arguments(
+        self, target: str, pool_size: int
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]: ...
+    def sql(self, text: str) -> str: ...
+    def begin_migration(self, cursor: Any) -> None: ...
+    def schema_version(self, cursor: Any) -> int: ...
+    def set_schema_version(self, cursor: Any, version: int) -> None: ...
+    def unavailable(self, error: BaseException) -> bool: ...
+    def turn_locks(
+        self, target: str, size: int, reactor: Any
+    ) -> "_AdvisoryLocks | None": ...
 
 
 @frozen
 class SQLiteDialect:
-    """
-    What is specific to SQLite.  A PostgreSQL dialect would offer the same
-    attributes: its own DB-API module and connection arguments, its own
-    migrations (and a version table instead of C{PRAGMA user_version}), and
-    a L{sql} that turns C{?} into C{%s}.
-    """
+    """What is specific to SQLite."""
 
-    #: the DB-API module adbapi imports
     module: ClassVar[str] = "sqlite3"
-    #: run first in every write transaction; SQLite takes the write lock at
-    #: once, so a transaction never fails half-way for want of it
+    #: SQLite takes the write lock at once, so a transaction never fails
+    #: half-way for want of it
     begin_write: ClassVar[str | None] = "BEGIN IMMEDIATE"
+    #: the write lock already covers every row
+    for_update: ClassVar[str] = ""
+    migrations: ClassVar[tuple[tuple[str, ...], ...]] = _migrations(real="REAL")
 
-    #: forward migrations: step N (1-based) brings the schema to version N.
-    #: Append new steps; never edit a released one.
-    migrations: ClassVar[tuple[tuple[str, ...], ...]] = (
-        (
-            """
-            CREATE TABLE conversations (
-                id            TEXT PRIMARY KEY,
-                title         TEXT NOT NULL DEFAULT '',
-                system_prompt TEXT,
-                system_tokens INTEGER NOT NULL DEFAULT 0,
-                model         TEXT,
-                owner         TEXT,
-                created       REAL NOT NULL,
-                updated       REAL NOT NULL,
-                leaf_id       TEXT
-            )
-            """,
-            """
-            CREATE TABLE messages (
-                id                TEXT PRIMARY KEY,
-                conversation_id   TEXT NOT NULL
-                    REFERENCES conversations (id) ON DELETE CASCADE,
-                parent_id         TEXT REFERENCES messages (id),
-                role              TEXT NOT NULL,
-                content           TEXT NOT NULL,
-                tokens            INTEGER NOT NULL DEFAULT 0,
-                created           REAL NOT NULL,
-                model             TEXT,
-                finish_reason     TEXT,
-                prompt_tokens     INTEGER,
-                completion_tokens INTEGER,
-                total_tokens      INTEGER
-            )
-            """,
-            "CREATE INDEX conversations_by_updated"
-            " ON conversations (updated DESC, id)",
-            "CREATE INDEX conversations_by_owner"
-            " ON conversations (owner, updated DESC, id)",
-            "CREATE INDEX messages_by_conversation"
-            " ON messages (conversation_id, created)",
-            "CREATE INDEX messages_by_parent ON messages (parent_id)",
-        ),
-    )
-
-    def pool_arguments(self, path: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    def pool_arguments(
+        self, path: str, pool_size: int
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """
-        The arguments for L{adbapi.ConnectionPool}: one connection, usable
-        from the pool's thread, in autocommit mode so that transactions
-        begin only where L{Store} says (adbapi commits or rolls back).
+        The arguments for L{adbapi.ConnectionPool}: one connection whatever
+        C{pool_size} says, usable from the pool's thread, in autocommit mode
+        so that transactions begin only where L{Store} says (adbapi commits
+        or rolls back).
         """
         return (path,), {
             "check_same_thread": False,
@@ -145,6 +229,10 @@ class SQLiteDialect:
         """The query with this dialect's parameter style (SQLite: C{?})."""
         return text
 
+    def begin_migration(self, cursor: Any) -> None:
+        """Begin a migration step: take the write lock, so one process migrates."""
+        cursor.execute(self.begin_write)
+
     def schema_version(self, cursor: Any) -> int:
         """The version of the schema the database holds (0: empty)."""
         cursor.execute("PRAGMA user_version")
@@ -153,6 +241,25 @@ class SQLiteDialect:
     def set_schema_version(self, cursor: Any, version: int) -> None:
         """Record the schema's version, inside the migration's transaction."""
         cursor.execute(f"PRAGMA user_version = {int(version)}")
+
+    def unavailable(self, error: BaseException) -> bool:
+        """
+        Whether C{error} means the file cannot be used now (locked, I/O,
+        full, unopenable), rather than that a query is wrong.
+        """
+        import sqlite3
+
+        return isinstance(error, sqlite3.OperationalError) and getattr(
+            error, "sqlite_errorname", "SQLITE_ERROR"
+        ) != "SQLITE_ERROR"
+
+    def turn_locks(self, path: str, size: int, reactor: Any) -> None:
+        """None: one process per file, whose service already serializes turns."""
+        return None
+
+    def display(self, path: str) -> str:
+        """How the database is named in messages."""
+        return path
 
     def check_path(self, path: str) -> None:
         """
@@ -174,8 +281,409 @@ class SQLiteDialect:
             )
 
 
-#: The only dialect so far.
+@frozen
+class PostgresDialect:
+    """
+    What is specific to PostgreSQL, over psycopg 3: C{%s} parameters, plain
+    transactions (read committed), a C{schema_version} table, migrations
+    under a transaction-level advisory lock, and conversation locks held as
+    session-level advisory locks (see L{_AdvisoryLocks}).
+    """
+
+    module: ClassVar[str] = "psycopg"
+    begin_write: ClassVar[str | None] = None
+    for_update: ClassVar[str] = " FOR UPDATE"
+    migrations: ClassVar[tuple[tuple[str, ...], ...]] = _migrations(
+        real="DOUBLE PRECISION"
+    )
+
+    def pool_arguments(
+        self, url: str, pool_size: int
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """
+        The arguments for L{adbapi.ConnectionPool}: up to C{pool_size}
+        connections, one per pool thread, each in a transaction per call;
+        a connection that broke is dropped at its failed call's rollback
+        and opened anew on the next call (C{cp_reconnect}).
+        """
+        return (url,), {
+            "autocommit": False,
+            "connect_timeout": CONNECT_TIMEOUT,
+            "application_name": "easybackend",
+            "cp_min": 1,
+            "cp_max": pool_size,
+            "cp_reconnect": True,
+            "cp_good_sql": "SELECT 1",
+        }
+
+    def sql(self, text: str) -> str:
+        """The query with psycopg's C{%s} placeholders."""
+        return text.replace("%", "%%").replace("?", "%s")
+
+    def begin_migration(self, cursor: Any) -> None:
+        """
+        Begin a migration step: wait for the migration lock, held until the
+        step's transaction ends, so that of several processes starting at
+        once one migrates and the others then see its version.
+        """
+        cursor.execute("SELECT pg_advisory_xact_lock(%s::bigint)", (MIGRATION_KEY,))
+
+    def schema_version(self, cursor: Any) -> int:
+        """
+        The version of the schema the database holds (0: empty); creates
+        the one-row C{schema_version} table if missing, so call it under
+        the migration lock.
+        """
+        cursor.execute(
+            "CREATE TABLE IF NOT EXISTS schema_version ("
+            " id INTEGER PRIMARY KEY CHECK (id = 1),"
+            " version INTEGER NOT NULL)"
+        )
+        cursor.execute("SELECT version FROM schema_version WHERE id = 1")
+        row = cursor.fetchone()
+        return 0 if row is None else int(row[0])
+
+    def set_schema_version(self, cursor: Any, version: int) -> None:
+        """Record the schema's version, inside the migration's transaction."""
+        cursor.execute(
+            "INSERT INTO schema_version (id, version) VALUES (1, %s)"
+            " ON CONFLICT (id) DO UPDATE SET version = EXCLUDED.version",
+            (int(version),),
+        )
+
+    def unavailable(self, error: BaseException) -> bool:
+        """
+        Whether C{error} means the server is gone or refuses work (a lost
+        or refused connection, a shutdown, no resources left), rather than
+        that a query is wrong.
+        """
+        import psycopg
+
+        if isinstance(error, psycopg.InterfaceError):
+            return True
+        if not isinstance(error, psycopg.OperationalError):
+            return False
+        state = error.sqlstate
+        return state is None or (state[:2] in ("08", "53", "57") and state != "57014")
+
+    def turn_locks(self, url: str, size: int, reactor: Any) -> "_AdvisoryLocks":
+        """Conversation locks on up to C{size} connections of their own."""
+        import psycopg
+
+        def connect() -> Any:
+            return psycopg.connect(
+                url,
+                autocommit=True,
+                connect_timeout=CONNECT_TIMEOUT,
+                application_name="easybackend-turn-lock",
+            )
+
+        return _AdvisoryLocks(connect, size, reactor, self)
+
+    def display(self, url: str) -> str:
+        """The URL as named in messages: any password is masked."""
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if parts.password is not None:
+            userinfo, _, host = netloc.rpartition("@")
+            netloc = userinfo.partition(":")[0] + ":***@" + host
+        query = parts.query
+        if "password" in query:
+            query = urlencode(
+                [(k, "***" if k == "password" else v) for k, v in parse_qsl(query)]
+            )
+        return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+    def check_path(self, url: str) -> None:
+        """Nothing to check before connecting."""
+
+
 SQLITE = SQLiteDialect()
+POSTGRES = PostgresDialect()
+
+#: The URL schemes that select PostgreSQL.
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+def dialect_for(target: str) -> Dialect:
+    """L{POSTGRES} for a C{postgresql://} or C{postgres://} URL, else L{SQLITE}."""
+    return POSTGRES if target.startswith(POSTGRES_SCHEMES) else SQLITE
+
+
+# --- conversation locks ----------------------------------------------------------
+
+
+@define
+class Lease:
+    """
+    A held conversation lock.  Release it when the turn ends, however it
+    ends: C{release} never fails, and calling it again does nothing.  Also
+    an async context manager (C{async with lease:}).
+    """
+
+    conversation_id: str
+    _release: Callable[[], "Deferred[None]"] | None = None
+
+    def release(self) -> "Deferred[None]":
+        """Let the next turn on the conversation have the lock."""
+        release, self._release = self._release, None
+        return succeed(None) if release is None else release()
+
+    async def __aenter__(self) -> "Lease":
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.release()
+
+
+@define(eq=False)
+class _Attempt:
+    """One wait for a lock: the connection it waits on, once it has one."""
+
+    connection: Any = None
+    cancelled: bool = False
+    #: fires once a cancel request for the wait has been sent
+    interrupted: "Deferred[None] | None" = None
+
+
+def _cancel_query(connection: Any) -> None:
+    try:
+        connection.cancel_safe(timeout=CONNECT_TIMEOUT)
+    except Exception:
+        pass
+
+
+def _close_quietly(connection: Any) -> None:
+    try:
+        connection.close()
+    except Exception:
+        pass
+
+
+class _AdvisoryLocks:
+    """
+    Conversation locks across processes: a PostgreSQL session-level
+    advisory lock on L{conversation_key}, held on a connection of its own.
+
+    These connections are not the query pool's: a turn holds its lock for
+    as long as the model answers, and with the pool's N connections held by
+    N turns no query could run.  Here at most C{size} locks are held or
+    awaited at once, each on its own connection (opened on demand, kept
+    idle after release) and blocking calls run on a thread pool of
+    C{size} threads; a caller past C{size} waits for a slot, within its
+    timeout.  So one process uses at most C{pool_size + size} connections.
+
+    PostgreSQL does the waiting (C{pg_advisory_lock} under a
+    C{lock_timeout} of the time left): a release wakes the next waiter at
+    once, in arrival order.  Cancelling a wait cancels its query; should
+    the lock have been granted just then, it is released.  A process that
+    dies loses its session and so its locks.
+    """
+
+    def __init__(
+        self, connect: Callable[[], Any], size: int, reactor: Any, dialect: Dialect
+    ) -> None:
+        self._connect = connect
+        self._reactor = reactor
+        self._dialect = dialect
+        self._size = size
+        self._slots = DeferredSemaphore(size)
+        self._threads = ThreadPool(0, size, name="easybackend-turn-locks")
+        self._threads.start()
+        self._idle: list[Any] = []
+        self._held: set[Any] = set()
+        self._attempts: set[_Attempt] = set()
+        self._closed = False
+        self._shutdown: Any = reactor.addSystemEventTrigger(
+            "during", "shutdown", self._close
+        )
+
+    async def lock(self, cid: str, timeout: float) -> Lease:
+        """Hold C{cid}'s lock; L{LockTimeout} if not had within C{timeout}."""
+        if self._closed:
+            raise StoreError("the store is closed")
+        started = self._reactor.seconds()
+
+        def busy(result: object, _: float) -> Failure:
+            return Failure(LockTimeout(
+                f"conversation {cid!r} is busy: all {self._size} conversation"
+                f" locks of this process are in use (waited {timeout:g}s)"
+            ))
+
+        await self._slots.acquire().addTimeout(
+            max(timeout, 0.0), self._reactor, onTimeoutCancel=busy
+        )
+        key = conversation_key(cid)
+        try:
+            if self._closed:
+                raise StoreError("the store is closed")
+            left = timeout - (self._reactor.seconds() - started)
+            connection = await self._acquire(cid, key, left, timeout)
+        except BaseException:
+            self._slots.release()
+            raise
+        self._held.add(connection)
+        return Lease(cid, lambda: self._release(connection, key))
+
+    def _acquire(self, cid: str, key: int, left: float, timeout: float) -> "Deferred[Any]":
+        attempt = _Attempt(self._idle.pop() if self._idle else None)
+        self._attempts.add(attempt)
+        result: Deferred[Any] = Deferred(lambda _: self._interrupt(attempt))
+        work = deferToThreadPool(
+            self._reactor, self._threads, self._wait, attempt, key, left
+        )
+        work.addBoth(self._waited, attempt, result, cid, key, timeout)
+        return result
+
+    def _wait(self, attempt: _Attempt, key: int, seconds: float) -> None:
+        """On a lock thread: take the lock, waiting at most C{seconds}."""
+        if attempt.connection is not None:
+            try:
+                return self._lock_on(attempt, key, seconds)
+            except Exception:
+                if not attempt.connection.broken:
+                    raise
+                # An idle connection that died (say, the server restarted):
+                # one try on a new one.
+                _close_quietly(attempt.connection)
+                attempt.connection = None
+        attempt.connection = self._connect()
+        self._lock_on(attempt, key, seconds)
+
+    @staticmethod
+    def _lock_on(attempt: _Attempt, key: int, seconds: float) -> None:
+        if attempt.cancelled:
+            raise StoreError("the wait was cancelled")
+        connection = attempt.connection
+        # lock_timeout = 0 would mean "wait for ever"
+        ms = max(1, math.ceil(seconds * 1000))
+        connection.execute("SELECT set_config('lock_timeout', %s, false)", (f"{ms}ms",))
+        connection.execute("SELECT pg_advisory_lock(%s::bigint)", (key,))
+
+    def _interrupt(self, attempt: _Attempt) -> None:
+        """The caller gave up: cancel the wait's query, if it is running."""
+        attempt.cancelled = True
+        if attempt.connection is not None:
+            attempt.interrupted = deferToThreadPool(
+                self._reactor, self._reactor.getThreadPool(),
+                _cancel_query, attempt.connection,
+            )
+
+    def _waited(
+        self,
+        outcome: object,
+        attempt: _Attempt,
+        result: "Deferred[Any]",
+        cid: str,
+        key: int,
+        timeout: float,
+    ) -> None:
+        """Back on the reactor: hand over the connection, or clean up."""
+        self._attempts.discard(attempt)
+        connection = attempt.connection
+        if attempt.cancelled or self._closed:
+            # The caller is gone (its Deferred failed with CancelledError).
+            # Once any cancel request has landed, give back what was taken.
+            after = attempt.interrupted or succeed(None)
+            if isinstance(outcome, Failure):
+                after.addBoth(lambda _: self._recycle(connection))
+            else:
+                after.addBoth(lambda _: self._unlock(connection, key))
+            return
+        if isinstance(outcome, Failure):
+            self._recycle(connection)
+            result.errback(self._translate(outcome, cid, timeout))
+        else:
+            result.callback(connection)
+
+    def _translate(self, failure: Failure, cid: str, timeout: float) -> Failure:
+        import psycopg.errors
+
+        error = failure.value
+        if isinstance(error, psycopg.errors.LockNotAvailable):
+            return Failure(LockTimeout(
+                f"conversation {cid!r} is busy: another turn holds it"
+                f" (waited {timeout:g}s)"
+            ))
+        if isinstance(error, Exception) and self._dialect.unavailable(error):
+            return Failure(StoreUnavailable(
+                f"cannot lock conversation {cid!r}: the database is"
+                f" unavailable: {error}"
+            ))
+        return failure
+
+    def _release(self, connection: Any, key: int) -> "Deferred[None]":
+        self._held.discard(connection)
+        if self._closed:
+            return succeed(None)  # closing the connection released the lock
+        done: Deferred[None] = Deferred()
+        self._unlock(connection, key).addBoth(
+            lambda _: self._slots.release()
+        ).chainDeferred(done)
+        # The caller may cancel done; the unlock goes on regardless.
+        return done
+
+    def _unlock(self, connection: Any, key: int) -> "Deferred[None]":
+        """Release the lock on C{connection}, then keep it idle or close it."""
+        if self._closed:
+            _close_quietly(connection)
+            return succeed(None)
+
+        def unlock() -> bool:
+            row = connection.execute(
+                "SELECT pg_advisory_unlock(%s::bigint)", (key,)
+            ).fetchone()
+            return bool(row[0])
+
+        def unlocked(outcome: object) -> None:
+            if isinstance(outcome, Failure):
+                # Closing the session releases its locks.
+                _log.warn(
+                    "could not release a conversation lock ({error});"
+                    " closing its connection",
+                    error=outcome.getErrorMessage(),
+                )
+                _close_quietly(connection)
+                return
+            if not outcome:
+                _log.warn(
+                    "a conversation lock was lost while held"
+                    " (its connection broke)"
+                )
+            self._recycle(connection)
+
+        return deferToThreadPool(
+            self._reactor, self._threads, unlock
+        ).addBoth(unlocked)
+
+    def _recycle(self, connection: Any) -> None:
+        if connection is None:
+            return
+        if self._closed or connection.broken or connection.closed:
+            _close_quietly(connection)
+        else:
+            self._idle.append(connection)
+
+    def close(self) -> None:
+        """Give up every wait and every held lock, and close the connections."""
+        if self._shutdown is not None:
+            self._reactor.removeSystemEventTrigger(self._shutdown)
+        self._close()
+
+    def _close(self) -> None:
+        self._shutdown = None
+        if self._closed:
+            return
+        self._closed = True
+        for attempt in self._attempts:
+            attempt.cancelled = True
+            if attempt.connection is not None:
+                _cancel_query(attempt.connection)
+        self._threads.stop()
+        for connection in [*self._idle, *self._held]:
+            _close_quietly(connection)
+        self._idle.clear()
+        self._held.clear()
 
 
 # --- the store -----------------------------------------------------------------
@@ -251,14 +759,17 @@ def _message(row: Sequence[Any]) -> Message:
 class Store:
     """
     The conversations database.  Every query returns a L{Deferred} that
-    fires on the reactor thread; the work runs on the pool's one thread,
-    one short transaction per call.  Build it with L{Store.open}.
+    fires on the reactor thread; the work runs on a pool thread, one short
+    transaction per call.  A call that loses the database fails with
+    L{StoreUnavailable}.  Build it with L{Store.open}.
     """
 
     _pool: adbapi.ConnectionPool
-    _dialect: SQLiteDialect = SQLITE
+    _dialect: Dialect = SQLITE
     #: makes message ids; replaceable for tests
     _new_id: Callable[[], str] = _message_id
+    #: the conversation locks; None where leases are no-ops (SQLite)
+    _locks: _AdvisoryLocks | None = None
     _closed: bool = field(default=False, init=False)
 
     # -- opening and closing ------------------------------------------------
@@ -266,38 +777,64 @@ class Store:
     @classmethod
     def open(
         cls,
-        path: str | os.PathLike[str],
+        target: str | os.PathLike[str],
         reactor: Any = None,
         *,
+        pool_size: int = DEFAULT_POOL_SIZE,
+        lock_pool_size: int = DEFAULT_LOCK_POOL_SIZE,
         new_id: Callable[[], str] = _message_id,
     ) -> "Deferred[Store]":
         """
-        Open the SQLite database at C{path}, creating the file (not its
-        folder) if needed, and bring its schema up to date.  Fails with
-        L{StoreError} naming C{path} when the folder is missing or
-        unwritable, the file is not a database, or its schema is newer than
-        this program.
+        Open the database and bring its schema up to date.
+
+        A C{postgresql://user@host:port/dbname} (or C{postgres://}) URL
+        opens PostgreSQL with C{pool_size} query connections, plus up to
+        C{lock_pool_size} more for L{lock_conversation}; the database must
+        exist.  Anything else is the path of an SQLite file, created (not
+        its folder) if needed, always on one connection.
+
+        Fails with L{StoreError} naming the database (never its password)
+        when it cannot be reached, the folder is missing or unwritable, the
+        file is not a database, or its schema is newer than this program.
         """
-        return Deferred.fromCoroutine(cls._open(os.fspath(path), reactor, new_id))
+        if pool_size < 1 or lock_pool_size < 1:
+            raise ValueError("pool sizes must be at least 1")
+        return Deferred.fromCoroutine(cls._open(
+            os.fspath(target), reactor, pool_size, lock_pool_size, new_id
+        ))
 
     @classmethod
     async def _open(
-        cls, path: str, reactor: Any, new_id: Callable[[], str]
+        cls,
+        target: str,
+        reactor: Any,
+        pool_size: int,
+        lock_pool_size: int,
+        new_id: Callable[[], str],
     ) -> "Store":
-        dialect = SQLITE
-        dialect.check_path(path)
-        args, kwargs = dialect.pool_arguments(path)
-        if reactor is not None:
-            kwargs["cp_reactor"] = reactor
-        store = cls(adbapi.ConnectionPool(dialect.module, *args, **kwargs),
-                    dialect, new_id)
+        dialect = dialect_for(target)
+        name = dialect.display(target)
+        dialect.check_path(target)
+        args, kwargs = dialect.pool_arguments(target, pool_size)
+        if reactor is None:
+            from twisted.internet import reactor
+        kwargs["cp_reactor"] = reactor
+        try:
+            pool = adbapi.ConnectionPool(dialect.module, *args, **kwargs)
+        except ImportError as e:
+            raise StoreError(
+                f"cannot open the database {name}: the {dialect.module}"
+                f" module is missing ({e})"
+            ) from e
+        store = cls(pool, dialect, new_id)
         try:
             await store._migrate()
         except BaseException as e:
             store.close()
-            if isinstance(e, (StoreError, store._pool.dbapi.Error)):
-                raise StoreError(f"cannot open the database {path}: {e}") from e
+            if isinstance(e, (StoreError, adbapi.ConnectionLost, pool.dbapi.Error)):
+                raise StoreError(f"cannot open the database {name}: {e}") from e
             raise
+        store._locks = dialect.turn_locks(target, lock_pool_size, reactor)
         return store
 
     async def _migrate(self) -> None:
@@ -307,9 +844,9 @@ class Store:
             await self._pool.runInteraction(self._apply, version)
 
     def _apply(self, txn: Any, version: int) -> None:
-        # Read the version inside the write transaction, so that two
-        # processes opening the same new file apply each step once.
-        self._begin_write(txn)
+        # Read the version under the migration lock, so that two processes
+        # opening the same new database apply each step once.
+        self._dialect.begin_migration(txn)
         current = self._dialect.schema_version(txn)
         known = len(self._dialect.migrations)
         if current > known:
@@ -324,18 +861,55 @@ class Store:
         self._dialect.set_schema_version(txn, version)
 
     def close(self) -> None:
-        """Close the connection; calling it again does nothing."""
+        """
+        Close the connections, releasing any conversation locks held;
+        calling it again does nothing.
+        """
         if not self._closed:
             self._closed = True
             self._pool.close()
+            if self._locks is not None:
+                self._locks.close()
 
     def ping(self) -> "Deferred[None]":
         """Fire once the database answers a trivial query (readiness)."""
-        return self._pool.runInteraction(self._ping)
+        return self._run(self._ping)
 
     def _ping(self, txn: Any) -> None:
         txn.execute("SELECT 1")
         txn.fetchall()
+
+    def lock_conversation(self, cid: str, timeout: float) -> "Deferred[Lease]":
+        """
+        Hold conversation C{cid}'s turn lock, across processes, until the
+        L{Lease} is released.  Fails with L{LockTimeout} when it cannot be
+        had within C{timeout} seconds, L{StoreUnavailable} when the
+        database is gone; cancelling the wait gives up the lock.
+
+        On PostgreSQL this is a session-level advisory lock on a connection
+        of its own, outside the query pool (see L{_AdvisoryLocks}).  On
+        SQLite the lease is granted at once and does nothing: one process
+        uses a file, and its service already serializes turns.
+        """
+        if self._locks is None:
+            return succeed(Lease(cid))
+        return Deferred.fromCoroutine(self._locks.lock(cid, timeout))
+
+    # -- running calls ------------------------------------------------------
+
+    def _run(self, interaction: Callable[..., Any], *args: Any) -> "Deferred[Any]":
+        """Run C{interaction} in one transaction on a pool thread."""
+        return self._pool.runInteraction(interaction, *args).addErrback(
+            self._lost
+        )
+
+    def _lost(self, failure: Failure) -> Failure:
+        error = failure.value
+        if isinstance(error, adbapi.ConnectionLost) or (
+            isinstance(error, Exception) and self._dialect.unavailable(error)
+        ):
+            return Failure(StoreUnavailable(f"the database is unavailable: {error}"))
+        return failure
 
     # -- helpers run on the pool's thread ------------------------------------
 
@@ -346,10 +920,13 @@ class Store:
     def _execute(self, txn: Any, sql: str, params: Sequence[Any] = ()) -> None:
         txn.execute(self._dialect.sql(sql), tuple(params))
 
-    def _fetch_conversation(self, txn: Any, cid: str) -> Conversation | None:
+    def _fetch_conversation(
+        self, txn: Any, cid: str, for_update: bool = False
+    ) -> Conversation | None:
         self._execute(
             txn,
-            f"SELECT {_CONVERSATION_COLUMNS} FROM conversations WHERE id = ?",
+            f"SELECT {_CONVERSATION_COLUMNS} FROM conversations WHERE id = ?"
+            + (self._dialect.for_update if for_update else ""),
             (cid,),
         )
         row = txn.fetchone()
@@ -359,7 +936,7 @@ class Store:
 
     def get_conversation(self, cid: str) -> "Deferred[Conversation | None]":
         """The conversation C{cid}, or C{None} if there is none."""
-        return self._pool.runInteraction(self._fetch_conversation, cid)
+        return self._run(self._fetch_conversation, cid)
 
     def get_message(
         self, cid: str, message_id: str
@@ -368,7 +945,7 @@ class Store:
         The message C{message_id} if it belongs to conversation C{cid}, else
         C{None}.
         """
-        return self._pool.runInteraction(self._get_message, cid, message_id)
+        return self._run(self._get_message, cid, message_id)
 
     def _get_message(self, txn: Any, cid: str, message_id: str) -> Message | None:
         self._execute(
@@ -386,7 +963,7 @@ class Store:
         one query.  Empty when C{leaf_id} is C{None} or is not a message of
         conversation C{cid}.
         """
-        return self._pool.runInteraction(self._branch, cid, leaf_id)
+        return self._run(self._branch, cid, leaf_id)
 
     def _branch(self, txn: Any, cid: str, leaf_id: str | None) -> list[Message]:
         if leaf_id is None:
@@ -412,7 +989,7 @@ class Store:
         where, params = "", [limit, offset]
         if owner is not None:
             where, params = "WHERE owner = ? ", [owner, limit, offset]
-        return self._pool.runInteraction(
+        return self._run(
             self._list,
             f"SELECT {_CONVERSATION_COLUMNS} FROM conversations {where}"
             "ORDER BY updated DESC, id LIMIT ? OFFSET ?",
@@ -437,7 +1014,7 @@ class Store:
         new (prompt, answer) message ids.  L{NotFound}, storing nothing,
         when C{turn.parent_id} is not a message of the conversation.
         """
-        return self._pool.runInteraction(
+        return self._run(
             self._commit_turn, turn, now, system_tokens
         )
 
@@ -488,7 +1065,7 @@ class Store:
             return fail(BadRequest("a conversation needs at least one turn"))
         if len({t.conversation_id for t in turns}) != 1:
             return fail(BadRequest("the turns belong to more than one conversation"))
-        return self._pool.runInteraction(
+        return self._run(
             self._import, turns, now, model, system_tokens
         )
 
@@ -573,7 +1150,7 @@ class Store:
 
     def delete_conversation(self, cid: str) -> "Deferred[bool]":
         """Delete a conversation and all its messages; True if it existed."""
-        return self._pool.runInteraction(self._delete, cid)
+        return self._run(self._delete, cid)
 
     def _delete(self, txn: Any, cid: str) -> bool:
         self._begin_write(txn)
@@ -592,11 +1169,11 @@ class Store:
         """
         if isinstance(turns, bool) or not isinstance(turns, int) or turns < 1:
             return fail(BadRequest('"turns" must be an integer of at least 1'))
-        return self._pool.runInteraction(self._rollback, cid, turns)
+        return self._run(self._rollback, cid, turns)
 
     def _rollback(self, txn: Any, cid: str, turns: int) -> Conversation:
         self._begin_write(txn)
-        conversation = self._fetch_conversation(txn, cid)
+        conversation = self._fetch_conversation(txn, cid, for_update=True)
         if conversation is None:
             raise NotFound(f"conversation {cid!r} not found")
         leaf = None

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from attrs import frozen
+
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
@@ -71,7 +73,8 @@ def check_endpoints(settings: Settings) -> None:
 class EasyBackend(MultiService):
     """
     The whole server: opens the store, then builds and starts the core and
-    its listeners.
+    its listeners; on shutdown stops accepting, lets asks in flight finish
+    for the grace period, cancels the rest, then closes the store.
     """
 
     def __init__(self, settings: Settings, reactor: Any = None) -> None:
@@ -82,11 +85,11 @@ class EasyBackend(MultiService):
         self.reactor = reactor
         self.store: Any = None
         self.core: Any = None
-        self.upstream: Any = None
+        self.listeners: Listeners | None = None
         self.ready: Deferred[None] = Deferred()
 
     def startService(self) -> None:
-        # Children are added once the store is open; start them then.
+        # Children are added once the store is open; they start as added.
         Service.startService(self)
         d = ensureDeferred(self._start())
         d.addCallbacks(self.ready.callback, self._failed)
@@ -98,8 +101,8 @@ class EasyBackend(MultiService):
         self.core = build_core(self.settings, self.store, self.reactor)
         # Load the tokenizer now, off the reactor thread, not at the first ask.
         self.core.warm_up()
-        self.upstream = self.core.upstream
-        for service in build_listeners(self.settings, self.core, self.reactor):
+        self.listeners = build_listeners(self.settings, self.core, self.reactor)
+        for service in self.listeners.services:
             service.setServiceParent(self)
         if self.core.upstream is None:
             log.warn(
@@ -122,13 +125,42 @@ class EasyBackend(MultiService):
         return ensureDeferred(self._stop())
 
     async def _stop(self) -> None:
-        await DeferredList(
-            [d for d in [MultiService.stopService(self)] if d is not None]
-        )
-        if self.upstream is not None and hasattr(self.upstream, "close"):
-            await self.upstream.close()
+        Service.stopService(self)
+        grace = self.settings.shutdown_grace
+        listeners = self.listeners
+        if listeners is not None:
+            # Stop accepting; open connections and streams carry on.
+            await gather(*(s.stopService() for s in listeners.ports))
+            log.info("stopped accepting; letting asks in flight finish "
+                     "for up to {grace}s", grace=grace)
+            # gRPC stops its own calls after the same grace.
+            await gather(self.core.drain(grace), listeners.grpc.stopService())
+            await listeners.websocket.close_all()
+        if self.core is not None and hasattr(self.core.upstream, "close"):
+            await self.core.upstream.close()
         if self.store is not None:
             self.store.close()
+
+
+@frozen
+class Listeners:
+    """The transports' services, and what shutdown needs of them."""
+
+    ports: list[IService]
+    grpc: IService
+    websocket: Any
+
+    @property
+    def services(self) -> list[IService]:
+        return [*self.ports, self.grpc]
+
+
+async def gather(*ds: Any) -> None:
+    """Wait for all of C{ds} (Deferreds or None); log, not raise, failures."""
+    results = await DeferredList([d for d in ds if d is not None], consumeErrors=True)
+    for ok, result in results:
+        if not ok:
+            log.failure("while stopping", result)
 
 
 def build_upstream(settings: Settings, reactor: Any) -> Any:
@@ -175,15 +207,39 @@ def build_core(settings: Settings, store: Any, reactor: Any, upstream: Any = "de
     )
 
 
-def build_listeners(settings: Settings, core: Any, reactor: Any) -> list[IService]:
+def build_listeners(settings: Settings, core: Any, reactor: Any) -> Listeners:
     """One service per listener: HTTP, WebSocket and gRPC."""
+    from easybackend.transports.grpc_server import GrpcService
     from easybackend.transports.web import WebApp, WebSettings
+    from easybackend.transports.websocket import make_websocket_factory, websocket_resource
 
-    services: list[IService] = []
+    ws = make_websocket_factory(
+        core,
+        max_message_size=settings.ws_max_message,
+        auto_ping_interval=settings.ws_ping_interval,
+        auto_ping_timeout=settings.ws_ping_timeout,
+        allowed_origins=settings.cors_origins,
+        reactor=reactor,
+    )
     web = WebApp(core, WebSettings(max_body=settings.max_body,
-                                   cors_origins=settings.cors_origins))
-    services.append(_listen(reactor, settings.http, Site(web.resource())))
-    return services
+                                   cors_origins=settings.cors_origins),
+                 websocket=websocket_resource(ws))
+    grpc = GrpcService(
+        core,
+        address=settings.grpc,
+        workers=settings.grpc_workers,
+        reactor=reactor,
+        grace=settings.shutdown_grace,
+    )
+    # The WebSocket port starts the factory that /ws on the HTTP port shares.
+    return Listeners(
+        ports=[
+            _listen(reactor, settings.http, Site(web.resource())),
+            _listen(reactor, settings.websocket, ws),
+        ],
+        grpc=grpc,
+        websocket=ws,
+    )
 
 
 def _listen(reactor: Any, description: str, factory: Any) -> IService:

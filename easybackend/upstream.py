@@ -113,6 +113,7 @@ class _BodyReader(Protocol):
         self._on_data = on_data
         self._on_end = on_end
         self._aborted = False
+        self._on_closed: Callable[[], None] | None = None
 
     def dataReceived(self, data: bytes) -> None:
         if not self._aborted:
@@ -122,14 +123,19 @@ class _BodyReader(Protocol):
         if not self._aborted:
             self._aborted = True
             self._on_end(reason)
+        elif self._on_closed is not None:
+            on_closed, self._on_closed = self._on_closed, None
+            on_closed()
 
-    def abort(self) -> None:
+    def abort(self, on_closed: Callable[[], None] | None = None) -> None:
         """
-        Close the connection the body arrives on, and report nothing more.
-        Cancelling a Deferred that waits for the body would not do that: the
+        Close the connection the body arrives on, and report nothing more
+        but, if given, call C{on_closed} once the body is over.  Cancelling
+        a Deferred that waits for the body would not close anything: the
         upstream would keep generating into a socket nobody reads.
         """
         self._aborted = True
+        self._on_closed = on_closed
         if self.transport is not None:
             self.transport.stopProducing()
 
@@ -287,6 +293,7 @@ class _Call:
         self._total_call: IDelayedCall | None = None
         self._backoff_call: IDelayedCall | None = None
         self._grace_call: IDelayedCall | None = None
+        self._report_call: IDelayedCall | None = None
 
     # --- attempts ---------------------------------------------------------
 
@@ -644,13 +651,30 @@ class _Call:
     def _fail(self, error: Exception | Failure) -> None:
         if self._done:
             return
+        reader, self._reader = self._reader, None
         self._stop()
-        self.result.errback(error)
+        if reader is None:
+            self.result.errback(error)
+            return
+        # Report the failure once the body is over: after a close we asked
+        # for, or at once when the rest of the body was in the same read.
+        # Either way the connection is closed, or back in the pool, before
+        # the caller hears of it (and may close the pool).
+        self._report_call = self._reactor.callLater(
+            _DONE_GRACE, self._report, error
+        )
+        reader.abort(lambda: self._report(error))
+
+    def _report(self, error: Exception | Failure) -> None:
+        _cancel(self._report_call)
+        if not self.result.called:
+            self.result.errback(error)
 
     def _cancel(self, result: "Deferred[Completion]") -> None:
         """The result's canceller: stop everything; the Deferred then fails."""
         if not self._done:
             self._stop()
+        _cancel(self._report_call)
 
     def _stop(self) -> None:
         """Mark the call done, cancel its timers, close its connection."""

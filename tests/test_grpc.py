@@ -859,23 +859,6 @@ class StatusTests(SynchronousTestCase):
 # --- end to end: the real core on a temporary SQLite file ------------------------
 
 
-class HeldUpstream:
-    """
-    An upstream that sends one piece, then holds the answer until it is
-    cancelled (and says so).
-    """
-
-    def __init__(self) -> None:
-        self.cancelled: Deferred = Deferred()
-        self.requests: list[Any] = []
-
-    def stream_chat(self, request: Any, on_piece: Callable[[str], None]) -> Deferred:
-        self.requests.append(request)
-        d: Deferred = Deferred(lambda d: self.cancelled.callback(None))
-        reactor.callLater(0, on_piece, "partial ")
-        return d
-
-
 class EndToEndTests(TestCase):
     """The gRPC transport over the real core and a real store."""
 
@@ -1025,25 +1008,6 @@ class EndToEndTests(TestCase):
         self.assertEqual(status.status, NOT_SERVING)
 
     @inlineCallbacks
-    def test_cancel_stores_nothing(self):
-        """A client that cancels mid-stream cancels the upstream call, and
-        the conversation is not stored."""
-        upstream = HeldUpstream()
-        yield self.serve(upstream)
-        stream = self.ask(prompt="Hi", conversation_id="cancelled-1")
-        self.assertEqual((yield stream.next()).response, "partial ")
-        stream.call.cancel()
-        yield within(upstream.cancelled)
-        error = yield within(stream.ended)
-        self.assertEqual(error.code(), grpc.StatusCode.CANCELLED)
-        e = yield self.assertFailure(
-            self.unary("GetConversation", chat_pb2.GetConversationRequest(
-                conversation_id="cancelled-1")),
-            grpc.RpcError,
-        )
-        self.assertEqual(e.code(), grpc.StatusCode.NOT_FOUND)
-
-    @inlineCallbacks
     def test_example_client(self):
         """examples/grpc_client.py streams answers and keeps the id it got."""
         import importlib.util
@@ -1069,3 +1033,143 @@ class EndToEndTests(TestCase):
             "ListConversations", chat_pb2.ListConversationsRequest()
         )
         self.assertEqual(len(listing.conversations), 1)
+
+
+class FakeUpstreamTests(TestCase):
+    """
+    End to end down to the wire: gRPC, the real core and treq client, and
+    the fake OpenAI upstream, which tells when its connection closes.
+    """
+
+    timeout = 60
+
+    @inlineCallbacks
+    def serve(self, idle_timeout: float = 30.0):
+        from easybackend.testing.fake_upstream import FakeUpstream
+        from easybackend.testing.fixtures import make_core
+        from easybackend.upstream import OpenAIUpstream
+
+        self.fake = FakeUpstream(reactor)
+        yield self.fake.listen(0)
+        self.addCleanup(self.fake.stop)
+        upstream = OpenAIUpstream(
+            reactor, base_url=self.fake.base_url, api_key="sk-test",
+            max_retries=0, idle_timeout=idle_timeout,
+        )
+        self.addCleanup(upstream.close)
+        self.core = yield Deferred.fromCoroutine(make_core(self, upstream))
+        self.grpc = GrpcService(
+            self.core, "127.0.0.1:0", workers=4, grace=0.2, health_interval=3600
+        )
+        self.grpc.startService()
+        self.addCleanup(
+            lambda: within(self.grpc.stopService(), 30) if self.grpc.running
+            else None
+        )
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.grpc.port}")
+        self.addCleanup(self.channel.close)
+        self.stub = chat_pb2_grpc.ChatStub(self.channel)
+
+    def ask(self, timeout: float = DEADLINE, **fields: Any) -> Stream:
+        return Stream(self.stub.Ask(chat_pb2.AskRequest(**fields), timeout=timeout))
+
+    @inlineCallbacks
+    def assertNotStored(self, cid: str):
+        yield self.assertFailure(within(self.core.get_conversation(cid)), NotFound)
+
+    @inlineCallbacks
+    def test_streams_the_upstream_answer(self):
+        from easybackend.testing.fake_upstream import Stream as Answer_
+
+        yield self.serve()
+        self.fake.script(Answer_(pieces=4))
+        messages, error = yield self.ask(prompt="hello", conversation_id="wire-1").rest()
+        self.assertIsNone(error)
+        *pieces, last = messages
+        text = "".join(m.response for m in pieces)
+        self.assertEqual(len(pieces), 4)
+        self.assertEqual(text, "You said: hello (1 message received)")
+        self.assertEqual((last.done, last.conversation_id, last.finish_reason),
+                         (True, "wire-1", "stop"))
+        self.assertGreater(last.usage.total_tokens, 0)
+        view = yield within(self.core.get_conversation("wire-1"))
+        self.assertEqual(view.messages[-1].content, text)
+
+    @inlineCallbacks
+    def hanging_answer(self, cid: str, timeout: float = DEADLINE):
+        """Start an ask whose answer hangs after one piece."""
+        from easybackend.testing.fake_upstream import Stream as Answer_
+
+        yield self.serve()
+        self.fake.script(Answer_(pieces=5, fault="hang", fault_after=1))
+        stream = self.ask(prompt="tell me a long story", conversation_id=cid,
+                          timeout=timeout)
+        first = yield stream.next()
+        self.assertTrue(first.response)
+        received = yield within(self.fake.wait_for_request(0))
+        self.assertFalse(received.connection_lost.called)
+        return stream, received
+
+    @inlineCallbacks
+    def test_cancel_closes_the_upstream_connection(self):
+        stream, received = yield self.hanging_answer("wire-cancel")
+        stream.call.cancel()
+        yield within(received.connection_lost)
+        error = yield within(stream.ended)
+        self.assertEqual(error.code(), grpc.StatusCode.CANCELLED)
+        yield self.assertNotStored("wire-cancel")
+
+    @inlineCallbacks
+    def test_deadline_closes_the_upstream_connection(self):
+        stream, received = yield self.hanging_answer("wire-deadline", timeout=1.0)
+        yield within(received.connection_lost)
+        error = yield within(stream.ended)
+        self.assertEqual(error.code(), grpc.StatusCode.DEADLINE_EXCEEDED)
+        yield self.assertNotStored("wire-deadline")
+
+    @inlineCallbacks
+    def test_shutdown_closes_the_upstream_connection(self):
+        """Stopping with a stream open: after the grace period the ask is
+        cancelled, the upstream connection closes, nothing is stored, and
+        stopService fires."""
+        stream, received = yield self.hanging_answer("wire-stop")
+        yield within(self.grpc.stopService())
+        yield within(received.connection_lost)
+        error = yield within(stream.ended)
+        self.assertIn(error.code(), (grpc.StatusCode.CANCELLED,
+                                     grpc.StatusCode.UNAVAILABLE))
+        yield self.assertNotStored("wire-stop")
+
+    @inlineCallbacks
+    def test_upstream_errors(self):
+        from easybackend.testing.fake_upstream import Reset, Status
+        from easybackend.testing.fake_upstream import Stream as Answer_
+
+        yield self.serve(idle_timeout=0.3)
+        S = grpc.StatusCode
+        cases = [
+            (Status(429, retry_after="1"), S.RESOURCE_EXHAUSTED,
+             "upstream_rate_limited"),
+            (Status(500), S.UNAVAILABLE, "upstream_unavailable"),
+            (Status(400), S.INTERNAL, "upstream_error"),
+            (Status(401), S.INTERNAL, "upstream_error"),
+            (Reset(), S.UNAVAILABLE, None),
+            (Answer_(pieces=3, fault="error", fault_after=1), S.UNAVAILABLE,
+             "upstream_error"),
+            (Answer_(pieces=3, fault="hang", fault_after=1), S.DEADLINE_EXCEEDED,
+             "upstream_timeout"),
+        ]
+        for index, (scenario, code, core_code) in enumerate(cases):
+            self.fake.script(scenario)
+            _, error = yield self.ask(
+                prompt="x", conversation_id=f"err-{index}"
+            ).rest()
+            self.assertIsNotNone(error, scenario)
+            self.assertEqual(error.code(), code, (scenario, error.details()))
+            metadata = dict(error.trailing_metadata())
+            if core_code is not None:
+                self.assertEqual(metadata["error-code"], core_code, scenario)
+            if isinstance(scenario, Status):
+                self.assertIn(str(scenario.code), error.details())
+                self.assertEqual(metadata["upstream-status"], str(scenario.code))
+            yield self.assertNotStored(f"err-{index}")

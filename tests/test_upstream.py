@@ -54,6 +54,21 @@ PIECES = split_text(
 WAIT = 10.0
 
 
+def after_events(n: int) -> Callable[[bytes], list[int]]:
+    """
+    A L{Stream.split_at} that writes the first C{n} events (the role chunk
+    is the first) at once, and the rest in one later write.
+    """
+
+    def split_at(body: bytes) -> list[int]:
+        offset = 0
+        for _ in range(n):
+            offset = body.index(b"\n\n", offset) + 2
+        return [offset]
+
+    return split_at
+
+
 # --- in memory ---------------------------------------------------------------
 
 
@@ -515,6 +530,9 @@ class CancelTests(SynchronousTestCase):
         even from the same chunk, and the connection is closed.
         """
         h = Harness()
+        h.fake.script(
+            Stream(interval=1.0, split_at=after_events(1), fault="hang", fault_after=5)
+        )
         results: list[Deferred[Completion]] = []
         pieces: list[str] = []
 
@@ -523,7 +541,7 @@ class CancelTests(SynchronousTestCase):
             results[0].cancel()
 
         results.append(h.upstream.stream_chat(REQUEST, on_piece))
-        h.flush()
+        h.advance(1)
         self.failureResultOf(results[0], CancelledError)
         self.assertEqual(pieces, PIECES[:1])
         self.assertTrue(h.fake.requests[0].connection_lost.called)
@@ -534,12 +552,13 @@ class CancelTests(SynchronousTestCase):
         the connection is closed.
         """
         h = Harness()
+        h.fake.script(Stream(interval=1.0))
 
         def on_piece(piece: str) -> None:
             raise ZeroDivisionError()
 
         d = h.upstream.stream_chat(REQUEST, on_piece)
-        h.flush()
+        h.advance(1)
         self.failureResultOf(d, ZeroDivisionError)
         self.assertTrue(h.fake.requests[0].connection_lost.called)
 
@@ -1072,7 +1091,7 @@ class LoopbackTests(TestCase):
         connection closed and no piece is passed on after the cancel.
         """
         upstream = await self.upstream()
-        self.fake.script(Stream(pieces=5, interval=60.0))
+        self.fake.script(Stream(pieces=5, interval=60.0, split_at=after_events(2)))
         first: Deferred[str] = Deferred()
         pieces: list[str] = []
 

@@ -19,7 +19,7 @@ from twisted.internet.protocol import ProcessProtocol
 LISTENING = {
     "http": re.compile(rb"Site starting on (\d+)"),
     "websocket": re.compile(rb"WebSocketServerFactory starting on (\d+)"),
-    "grpc": re.compile(rb"gRPC listening on \S*:(\d+)"),
+    "grpc": re.compile(rb"gRPC listening on .*?\(port (\d+)"),
 }
 
 

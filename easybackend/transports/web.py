@@ -10,6 +10,7 @@ an HTML page.
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any, Callable
 
 from attrs import frozen
@@ -196,7 +197,8 @@ class WebApp:
     @app.route("/ask/<string:conversation_id>", methods=["POST"])
     async def ask(self, request: IRequest, conversation_id: str) -> bytes:
         body = self._body(request)
-        ask = AskRequest.from_mapping(conversation_id, body)
+        ask = AskRequest.from_mapping(
+            conversation_id, body, request_id=request_id(request), transport="http")
         if body.get("stream") is True or _accepts_events(request):
             return await self._ask_events(request, ask)
         answer = await self.service.ask(ask, _ignore)
@@ -274,6 +276,14 @@ class WebApp:
         if self.websocket is None:
             raise NoRoute()
         return self.websocket
+
+
+def request_id(request: IRequest) -> str:
+    """The client's C{X-Request-Id} (within reason), or a fresh one."""
+    given = request.getHeader("x-request-id")
+    if given and len(given) <= 128 and given.isprintable():
+        return given
+    return uuid.uuid4().hex
 
 
 def status_of(error: EasyBackendError) -> int:
