@@ -136,6 +136,22 @@ def _max_tokens(body: Mapping[str, Any]) -> int | None:
 
 
 @frozen
+class CompleteRequest:
+    """
+    A chat completion without server-side memory: the client's own
+    messages, passed to the upstream as they are, stored nowhere.
+    """
+
+    messages: Sequence["ChatMessage"]
+    model: str | None = None
+    temperature: float | None = None
+    max_tokens: int | None = None
+    request_id: str | None = None
+    owner: str | None = None
+    transport: str = "core"
+
+
+@frozen
 class Answer:
     """The final result of an ask, after all its pieces were passed on."""
 

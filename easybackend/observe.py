@@ -95,7 +95,7 @@ class Observer:
         log.info("{access_text}", access_text=text, access=fields)
         m = self.metrics
         m.requests.labels(record.transport, record.kind, record.status).inc()
-        if record.kind == "ask":
+        if record.kind in ("ask", "completion"):
             m.ask_latency.labels(record.transport).observe(record.latency)
             if record.first_piece is not None:
                 m.first_piece.labels(record.transport).observe(record.first_piece)

@@ -9,7 +9,7 @@ import re
 from typing import Callable, Sequence
 
 from attrs import define, field
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from easybackend.model import ChatMessage, ChatRequest, Completion, Usage
@@ -68,6 +68,10 @@ class OfflineUpstream:
     clock: IReactorTime
     interval: float = 0.02
     count_tokens: Callable[[str], int] = field(default=count_words)
+
+    def list_models(self) -> "Deferred[list[str]]":
+        """The one model there is."""
+        return succeed([MODEL])
 
     def stream_chat(
         self, request: ChatRequest, on_piece: Callable[[str], None]

@@ -27,6 +27,8 @@ from easybackend.model import (
     AskRequest,
     ChatMessage,
     ChatRequest,
+    CompleteRequest,
+    Completion,
     Conversation,
     ConversationView,
     Turn,
@@ -151,7 +153,42 @@ class ConversationService:
         C{parent_id}), L{PromptTooLong}, L{NoUpstream}, or an
         L{UpstreamError} subclass.
         """
-        d = _deferred(self._observed(request, on_piece))
+        return self._track(_deferred(self._observed(request, on_piece, self._ask)))
+
+    def complete(
+        self, request: CompleteRequest, on_piece: Callable[[str], None]
+    ) -> "Deferred[Completion]":
+        """
+        Pass the client's own messages to the upstream, streaming the
+        pieces to C{on_piece}; store nothing.  Keys, limits, logs, metrics
+        and cancellation work as for L{ask}.
+        """
+        return self._track(_deferred(self._observed(request, on_piece, self._complete)))
+
+    async def _complete(
+        self, request: CompleteRequest, on_piece: Callable[[str], None]
+    ) -> Completion:
+        upstream = self.upstream
+        if upstream is None:
+            raise NoUpstream()
+        if not request.messages:
+            raise BadRequest('"messages" must not be empty')
+        release = self.limiter.acquire(request.owner)
+        try:
+            temperature = request.temperature
+            if temperature is None:
+                temperature = self.settings.temperature
+            return await upstream.stream_chat(ChatRequest(
+                model=request.model or self.settings.model,
+                messages=request.messages,
+                temperature=temperature,
+                max_tokens=request.max_tokens,
+            ), on_piece)
+        finally:
+            release()
+
+    def _track(self, d: "Deferred[T]") -> "Deferred[T]":
+        """Count C{d} among the asks in flight until it ends."""
         self._in_flight.add(d)
         d.addBoth(self._ask_ended, d)
         return d
@@ -192,9 +229,10 @@ class ConversationService:
         return idle.addCallback(done)
 
     async def _observed(
-        self, request: AskRequest, on_piece: Callable[[str], None]
-    ) -> Answer:
-        """Run the ask, then write its access line and count it."""
+        self, request: Any, on_piece: Callable[[str], None],
+        run: Callable[[Any, Callable[[str], None]], Awaitable[T]],
+    ) -> T:
+        """Run an ask or completion, then write its access line and count it."""
         clock = self._clock
         started = clock.seconds()
         first: list[float] = []
@@ -207,8 +245,10 @@ class ConversationService:
         status, answer, upstream_status, retries = "ok", None, None, None
         self.observer.metrics.in_flight.inc()
         try:
-            answer = await self._ask(request, piece)
-            upstream_status, retries = answer.upstream_status, answer.retries
+            answer = await run(request, piece)
+            upstream_status = getattr(answer, "upstream_status", None) or getattr(
+                answer, "status", None)
+            retries = answer.retries  # type: ignore[attr-defined]
             return answer
         except CancelledError:
             status = "cancelled"
@@ -222,22 +262,26 @@ class ConversationService:
             raise
         finally:
             self.observer.metrics.in_flight.dec()
-            usage = answer.usage if answer else None
+            usage = getattr(answer, "usage", None)
+            is_ask = isinstance(request, AskRequest)
             self.observer.record(AccessRecord(
                 transport=request.transport,
-                kind="ask",
+                kind="ask" if is_ask else "completion",
                 status=status,
                 latency=clock.seconds() - started,
                 request_id=request.request_id,
-                conversation_id=answer.conversation_id if answer else request.conversation_id,
+                conversation_id=(
+                    getattr(answer, "conversation_id", None)
+                    or getattr(request, "conversation_id", None)),
                 key=request.owner,
                 first_piece=first[0] if first else None,
                 tokens_in=usage.prompt_tokens if usage else None,
                 tokens_out=usage.completion_tokens if usage else None,
                 upstream_status=upstream_status,
                 retries=retries,
-                prompt=request.prompt,
-                answer=answer.text if answer else None,
+                prompt=request.prompt if is_ask else (
+                    request.messages[-1].content if request.messages else None),
+                answer=getattr(answer, "text", None),
             ))
 
     async def _ask(
@@ -418,6 +462,24 @@ class ConversationService:
             await self._owned(cid, owner)
             await self.store.rollback(cid, turns)
         return await self._view(cid, owner)
+
+    def models(self) -> "Deferred[list[str]]":
+        """
+        The models the upstream offers, or the configured one where the
+        upstream cannot list them.
+        """
+        return _deferred(self._models())
+
+    async def _models(self) -> list[str]:
+        listing = getattr(self.upstream, "list_models", None)
+        if listing is not None:
+            try:
+                models = await listing()
+                if models:
+                    return list(models)
+            except EasyBackendError:
+                pass
+        return [self.settings.model]
 
     def check_ready(self) -> "Deferred[None]":
         """

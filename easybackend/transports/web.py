@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from functools import partial
 from typing import Any, Callable
 
 from attrs import frozen
@@ -29,9 +30,9 @@ from easybackend.errors import (
     RequestTooLarge,
     UpstreamError,
 )
-from easybackend.model import AskRequest
+from easybackend.model import AskRequest, CompleteRequest, check_conversation_id
 from easybackend.service import ConversationService
-from easybackend.transports import pages
+from easybackend.transports import openai_api as oa, pages
 
 log = Logger()
 
@@ -257,6 +258,57 @@ class WebApp:
         turns = self._body(request, required=False).get("turns", 1)
         view = await self.service.rollback(conversation_id, turns)
         return self._json(request, view.to_dict())
+
+    # -- the OpenAI-compatible API -----------------------------------------
+
+    def _openai_error(self, request: IRequest, error: EasyBackendError) -> bytes:
+        status = oa.openai_status(error, status_of(error))
+        return self._json(request, oa.openai_error(error, status), status)
+
+    @app.route("/v1/chat/completions", methods=["POST"])
+    async def chat_completions(self, request: IRequest) -> bytes:
+        try:
+            body = self._body(request)
+            messages = oa.parse_messages(body)
+            options = oa.parse_options(body)
+            common = {"request_id": request_id(request), "transport": "openai"}
+            cid = oa.conversation_header(request)
+            if cid is not None:
+                check_conversation_id(cid)
+                ask = oa.ask_for(cid, messages, options, **common)
+                request.setHeader(oa.CONVERSATION_HEADER, cid)
+                run = partial(self.service.ask, ask)
+            else:
+                run = partial(self.service.complete,
+                              CompleteRequest(messages=messages, **options, **common))
+        except EasyBackendError as e:
+            return self._openai_error(request, e)
+        model = options["model"] or self.service.settings.model
+        if body.get("stream") is not True:
+            try:
+                result = await run(_ignore)
+            except EasyBackendError as e:
+                return self._openai_error(request, e)
+            return self._json(request, oa.completion_object(
+                result.model, result.text, result.finish_reason, result.usage))
+        stream_options = body.get("stream_options")
+        include_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
+        request.setHeader("content-type", "text/event-stream; charset=utf-8")
+        request.setHeader("cache-control", "no-store")
+        self._cors(request)
+        request.write(b"")
+        out = oa.CompletionStream(request.write, model, include_usage)
+        try:
+            result = await run(out.piece)
+        except EasyBackendError as e:
+            out.error(e, oa.openai_status(e, status_of(e)))
+            return b""
+        out.finish(result.model, result.finish_reason, result.usage)
+        return b""
+
+    @app.route("/v1/models", methods=["GET"])
+    async def models(self, request: IRequest) -> bytes:
+        return self._json(request, oa.models_list(await self.service.models()))
 
     @app.route("/", methods=["GET"])
     def page(self, request: IRequest) -> bytes:

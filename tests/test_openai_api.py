@@ -1,0 +1,133 @@
+"""
+Tests for L{easybackend.transports.openai_api}: the official C{openai}
+SDK, pointed at EasyBackend, works unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import openai
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from easybackend.offline import OfflineUpstream
+from easybackend.testing.fixtures import make_core, serve_http, within
+from tests.test_service import ScriptedUpstream, _reactor
+
+
+class SDKTests(TestCase):
+    """The openai SDK as the client, streaming and not, with and without memory."""
+
+    async def setUp(self) -> None:
+        self.core = await make_core(self, OfflineUpstream(_reactor(), interval=0))
+        self.url = await serve_http(self, self.core)
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused",
+                                    max_retries=0, timeout=10)
+        self.addCleanup(self.client.close)
+
+    def sdk(self, f: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        """Run a blocking SDK call off the reactor thread."""
+        return within(deferToThread(f, *args, **kw), 20)
+
+    async def test_plain_completion(self) -> None:
+        """
+        When the SDK asks without a conversation, then it gets a
+        chat.completion parsed into its own types, and nothing is stored.
+        """
+        result = await self.sdk(self.client.chat.completions.create, model="offline",
+                                messages=[{"role": "user", "content": "Hi SDK"}])
+        self.assertEqual(result.object, "chat.completion")
+        self.assertEqual(result.choices[0].message.role, "assistant")
+        self.assertIn("Hi SDK", result.choices[0].message.content)
+        self.assertEqual(result.choices[0].finish_reason, "stop")
+        self.assertGreater(result.usage.completion_tokens, 0)
+        self.assertEqual(await self.core.list_conversations(10, 0), [])
+
+    async def test_streaming_completion(self) -> None:
+        """
+        When the SDK streams, then its chunks add up to the answer, the
+        last carries usage when asked for, and the stream ends cleanly.
+        """
+        def run() -> list[Any]:
+            stream = self.client.chat.completions.create(
+                model="offline", stream=True, stream_options={"include_usage": True},
+                messages=[{"role": "system", "content": "Be brief."},
+                          {"role": "user", "content": "Stream me"}])
+            return list(stream)
+
+        chunks = await self.sdk(run)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        self.assertIn("Stream me", text)
+        self.assertEqual([c.choices[0].finish_reason for c in chunks if c.choices][-1], "stop")
+        self.assertGreater(chunks[-1].usage.total_tokens, 0)
+        self.assertEqual(chunks[-1].choices, [])
+
+    async def test_conversation_memory(self) -> None:
+        """
+        When the SDK sends X-Conversation-Id: new, then the answer carries
+        the new id in the same header; a second call with that id sees the
+        first turn, and the turns are stored.
+        """
+        def turn(cid: str, prompt: str, stream: bool) -> tuple[str, str]:
+            raw = self.client.chat.completions.with_raw_response.create(
+                model="offline", stream=stream, extra_headers={"X-Conversation-Id": cid},
+                messages=[{"role": "user", "content": prompt}])
+            parsed = raw.parse()
+            if stream:
+                text = "".join(c.choices[0].delta.content or "" for c in parsed if c.choices)
+            else:
+                text = parsed.choices[0].message.content
+            return raw.headers["x-conversation-id"], text
+
+        cid, first = await self.sdk(turn, "new", "Remember me", False)
+        self.assertTrue(cid.startswith("c_"))
+        same, second = await self.sdk(turn, cid, "Do you?", True)
+        self.assertEqual(same, cid)
+        self.assertIn("1 earlier turn", second)
+        view = await self.core.get_conversation(cid)
+        self.assertEqual([m.content for m in view.messages if m.role == "user"],
+                         ["Remember me", "Do you?"])
+
+    async def test_errors_raise_sdk_exceptions(self) -> None:
+        """
+        When a request is bad or there is no upstream, then the SDK raises
+        its usual exception types with the server's message.
+        """
+        with self.assertRaises(openai.BadRequestError) as e:
+            await self.sdk(self.client.chat.completions.create, model="offline", messages=[])
+        self.assertIn("messages", str(e.exception))
+        with self.assertRaises(openai.BadRequestError):
+            await self.sdk(self.client.chat.completions.create, model="offline",
+                           extra_headers={"X-Conversation-Id": "bad id!"},
+                           messages=[{"role": "user", "content": "x"}])
+        self.core.upstream = None
+        with self.assertRaises(openai.InternalServerError) as e:
+            await self.sdk(self.client.chat.completions.create, model="offline",
+                           messages=[{"role": "user", "content": "x"}])
+        self.assertEqual(e.exception.status_code, 503)
+
+    async def test_models(self) -> None:
+        """When the SDK lists models, then it sees the upstream's."""
+        models = await self.sdk(self.client.models.list)
+        self.assertEqual([m.id for m in models.data], ["offline"])
+
+
+class UpstreamFailureTests(TestCase):
+    """Upstream errors keep OpenAI's shape."""
+
+    async def test_rate_limit_passes_through(self) -> None:
+        """When the upstream answers 429, then the SDK raises RateLimitError."""
+        from easybackend.errors import UpstreamRateLimited
+
+        upstream = ScriptedUpstream()
+        core = await make_core(self, upstream)
+        url = await serve_http(self, core)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=10)
+        self.addCleanup(client.close)
+        next_call = upstream.next_call()
+        d = deferToThread(client.chat.completions.create, model="m",
+                          messages=[{"role": "user", "content": "x"}])
+        (await next_call).d.errback(UpstreamRateLimited("slow down", status=429, retry_after=2))
+        with self.assertRaises(openai.RateLimitError):
+            await within(d, 20)
