@@ -15,6 +15,8 @@ from typing import Callable, Mapping, TypeVar
 
 from attrs import frozen
 
+from easybackend.auth import KeyRing
+
 T = TypeVar("T")
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
@@ -63,6 +65,12 @@ def _non_negative_float(text: str) -> float:
     if not value >= 0:
         raise ValueError("must be 0 or more")
     return value
+
+
+def _log_format(text: str) -> str:
+    if text not in ("text", "json"):
+        raise ValueError("must be text or json")
+    return text
 
 
 def _non_negative_int(text: str) -> int:
@@ -135,6 +143,20 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("shutdown-grace", 10.0, "seconds asks in flight may take to "
             "finish after SIGTERM before they are cancelled",
             parse=_non_negative_float),
+    Setting("api-keys-file", None, "file of client API keys, one name:key "
+            "a line (EASYBACKEND_API_KEYS: comma-separated name:key pairs)",
+            parse=_optional),
+    Setting("asks-per-minute", 0, "asks one key may start in a minute, "
+            "0 for no limit", parse=_non_negative_int),
+    Setting("max-streams", 0, "answers one key may have streaming at "
+            "once, 0 for no limit", parse=_non_negative_int),
+    Setting("grpc-max-message", MIB, "largest gRPC request message, in bytes",
+            parse=_positive_int),
+    Setting("tls-cert", None, "PEM certificate (chain): turns on TLS for "
+            "HTTP, WebSocket and gRPC", parse=_optional),
+    Setting("tls-key", None, "PEM private key for --tls-cert", parse=_optional),
+    Setting("log-format", "text", "text, or json for one JSON object a line",
+            parse=_log_format),
     Setting("cors-origins", "*", "comma-separated allowed CORS origins, "
             "or *"),
     Setting("offline-interval", 0.02, "seconds between the offline "
@@ -171,7 +193,19 @@ class Settings:
     cors_origins: tuple[str, ...] = ("*",)
     offline_interval: float = 0.02
     shutdown_grace: float = 10.0
+    api_keys_file: str | None = None
+    asks_per_minute: int = 0
+    max_streams: int = 0
+    grpc_max_message: int = MIB
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    log_format: str = "text"
+    log_content: bool = False
+    keys: KeyRing = KeyRing()
 
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
     @property
     def upstream_url(self) -> str | None:
         """The upstream to call, or None when there is none configured."""
@@ -212,14 +246,40 @@ def settings_from(
         )
     origins = tuple(o.strip() for o in str(values.pop("cors_origins")).split(",")
                     if o.strip())
+    if bool(values["tls_cert"]) != bool(values["tls_key"]):
+        raise ConfigError("--tls-cert and --tls-key must be given together")
+    for name in ("tls_cert", "tls_key"):
+        path = values[name]
+        if path and not os.access(str(path), os.R_OK):
+            raise ConfigError(f"--{name.replace('_', '-')}: cannot read {path}")
     settings = Settings(
         api_key=environ.get("OPENAI_API_KEY") or None,
         offline=bool(options.get("offline")),
+        log_content=bool(options.get("log-content")),
         cors_origins=origins or ("*",),
+        keys=load_keys(values["api_keys_file"], environ),  # type: ignore[arg-type]
         **values,  # type: ignore[arg-type]
     )
     check_database(settings.db)
     return settings
+
+
+def load_keys(path: str | None, environ: Mapping[str, str]) -> KeyRing:
+    """
+    Client API keys from C{--api-keys-file}, else C{EASYBACKEND_API_KEYS};
+    L{ConfigError} naming the source of a bad one.
+    """
+    try:
+        if path is not None:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    return KeyRing.parse(f.read().splitlines(), f"--api-keys-file {path}")
+            except OSError as e:
+                raise ConfigError(f"--api-keys-file: cannot read {path}: {e.strerror}") from None
+        value = environ.get("EASYBACKEND_API_KEYS", "")
+        return KeyRing.parse(value.split(","), "EASYBACKEND_API_KEYS")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def check_database(path: str) -> None:

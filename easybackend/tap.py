@@ -37,6 +37,7 @@ class Options(usage.Options):
     )
     optFlags = [
         ["offline", None, "answer with the built-in offline model (no upstream)"],
+        ["log-content", None, "write prompts and answers into the access log"],
     ]
     optParameters = [
         [s.option, None, None,
@@ -104,6 +105,11 @@ class EasyBackend(MultiService):
         self.listeners = build_listeners(self.settings, self.core, self.reactor)
         for service in self.listeners.services:
             service.setServiceParent(self)
+        if not self.settings.keys.enabled:
+            log.warn(
+                "no API keys configured: anyone who reaches this server can "
+                "use it; set --api-keys-file or EASYBACKEND_API_KEYS"
+            )
         if self.core.upstream is None:
             log.warn(
                 "no upstream configured: every ask will get 503; set "
@@ -140,6 +146,13 @@ class EasyBackend(MultiService):
             await self.core.upstream.close()
         if self.store is not None:
             self.store.close()
+
+
+class QuietSite(Site):
+    """A site whose access lines come from EasyBackend, not twisted.web."""
+
+    def log(self, request: Any) -> None:
+        pass
 
 
 @frozen
@@ -187,12 +200,17 @@ def build_upstream(settings: Settings, reactor: Any) -> Any:
 
 def build_core(settings: Settings, store: Any, reactor: Any, upstream: Any = "default") -> Any:
     """The conversation service over C{store}."""
+    from easybackend.limits import Limiter
+    from easybackend.observe import Observer
     from easybackend.service import ConversationService, CoreSettings
     from easybackend.tokens import load_token_counter
 
     if upstream == "default":
         upstream = build_upstream(settings, reactor)
     return ConversationService(
+        limiter=Limiter(reactor, asks_per_minute=settings.asks_per_minute or None,
+                        streams=settings.max_streams or None),
+        observer=Observer(log_content=settings.log_content),
         store=store,
         upstream=upstream,
         tokens=lambda: load_token_counter(settings.encoding, settings.model, clock=reactor),
@@ -222,7 +240,8 @@ def build_listeners(settings: Settings, core: Any, reactor: Any) -> Listeners:
         reactor=reactor,
     )
     web = WebApp(core, WebSettings(max_body=settings.max_body,
-                                   cors_origins=settings.cors_origins),
+                                   cors_origins=settings.cors_origins,
+                                   keys=settings.keys),
                  websocket=websocket_resource(ws))
     grpc = GrpcService(
         core,
@@ -234,12 +253,24 @@ def build_listeners(settings: Settings, core: Any, reactor: Any) -> Listeners:
     # The WebSocket port starts the factory that /ws on the HTTP port shares.
     return Listeners(
         ports=[
-            _listen(reactor, settings.http, Site(web.resource())),
-            _listen(reactor, settings.websocket, ws),
+            _listen(reactor, tls_endpoint(settings.http, settings), QuietSite(web.resource())),
+            _listen(reactor, tls_endpoint(settings.websocket, settings), ws),
         ],
         grpc=grpc,
         websocket=ws,
     )
+
+
+def tls_endpoint(description: str, settings: Settings) -> str:
+    """
+    With C{--tls-cert}, a plain C{tcp:} endpoint becomes the same C{ssl:}
+    endpoint; any other string is the operator's finer control, as given.
+    """
+    if not settings.tls or not description.startswith("tcp:"):
+        return description
+    cert = settings.tls_cert.replace(":", "\\:").replace("=", "\\=")  # type: ignore[union-attr]
+    key = settings.tls_key.replace(":", "\\:").replace("=", "\\=")  # type: ignore[union-attr]
+    return f"ssl:{description[4:]}:privateKey={key}:certKey={cert}"
 
 
 def _listen(reactor: Any, description: str, factory: Any) -> IService:
@@ -249,5 +280,24 @@ def _listen(reactor: Any, description: str, factory: Any) -> IService:
     return service
 
 
+class _Application(EasyBackend):
+    """
+    The service twistd runs: when it joins the application, it gives it
+    the JSON log observer if C{--log-format json} asked for one (twistd
+    starts logging only after this).
+    """
+
+    def setServiceParent(self, parent: Any) -> Any:
+        if self.settings.log_format == "json":
+            import sys
+
+            from twisted.logger import ILogObserver
+
+            from easybackend.observe import json_observer
+
+            parent.setComponent(ILogObserver, json_observer(sys.stdout))
+        return super().setServiceParent(parent)
+
+
 def makeService(options: Options) -> IService:
-    return EasyBackend(options["settings"])
+    return _Application(options["settings"])

@@ -69,6 +69,8 @@ _CONNECTION_ERRORS = (
 )
 #: How much of a 2xx answer that is not an event stream we read.
 _MAX_PLAIN_BODY = 4 << 20
+#: Decodes one data line; bound once, as it runs for every chunk.
+_decode = json.JSONDecoder().decode
 #: After C{data: [DONE]}, how long we wait for the body to end, so that the
 #: connection goes back to the pool before the answer is reported.
 _DONE_GRACE = 1.0
@@ -437,7 +439,7 @@ class _Call:
                 self._got_done()
                 return
             try:
-                chunk = json.loads(payload)
+                chunk = _decode(payload)
             except ValueError:
                 if event.event == "error":
                     chunk = payload

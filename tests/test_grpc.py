@@ -32,14 +32,17 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from easybackend.errors import (
     BadRequest,
     EasyBackendError,
+    LockTimeout,
     NotFound,
     NoUpstream,
     PromptTooLong,
+    RateLimited,
     RequestTooLarge,
     UpstreamError,
     UpstreamRateLimited,
     UpstreamTimeout,
     UpstreamUnavailable,
+    Unauthenticated,
 )
 from easybackend.model import (
     Answer,
@@ -338,6 +341,7 @@ class AskTests(GrpcTestCase):
             ("new", None, None, None, None, None),
         )
         self.assertTrue(r.request_id)
+        self.assertEqual(r.transport, "grpc")
         ask.finish(usage=None, finish_reason=None)
         messages, error = yield stream.rest()
         self.assertIsNone(error)
@@ -844,6 +848,9 @@ class StatusTests(SynchronousTestCase):
             (UpstreamError("x", 502), S.UNAVAILABLE),
             (UpstreamError("x", None), S.UNAVAILABLE),
             (UpstreamError("x", 400), S.INTERNAL),
+            (Unauthenticated("x"), S.UNAUTHENTICATED),
+            (RateLimited("x"), S.RESOURCE_EXHAUSTED),
+            (LockTimeout("x"), S.ABORTED),
             (EasyBackendError("x"), S.INTERNAL),
         ]:
             self.assertEqual(status_for(error)[0], code, error.code)
@@ -1173,3 +1180,81 @@ class FakeUpstreamTests(TestCase):
                 self.assertIn(str(scenario.code), error.details())
                 self.assertEqual(metadata["upstream-status"], str(scenario.code))
             yield self.assertNotStored(f"err-{index}")
+
+
+def self_signed() -> tuple[bytes, bytes]:
+    """A throwaway certificate for localhost and 127.0.0.1, and its key."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name).issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([
+            x509.DNSName("localhost"),
+            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+        ]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None),
+                       critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return (
+        cert.public_bytes(serialization.Encoding.PEM),
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+    )
+
+
+class TLSTests(TestCase):
+
+    @inlineCallbacks
+    def test_tls(self):
+        """With server credentials the listener speaks TLS only."""
+        cert, key = self_signed()
+        service = FakeService()
+        server = GrpcService(
+            service, "127.0.0.1:0", workers=2, grace=0.2, health_interval=3600,
+            server_credentials=grpc.ssl_server_credentials([(key, cert)]),
+        )
+        server.startService()
+        self.addCleanup(lambda: within(server.stopService(), 30))
+        channel = grpc.secure_channel(
+            f"localhost:{server.port}",
+            grpc.ssl_channel_credentials(root_certificates=cert),
+        )
+        self.addCleanup(channel.close)
+        stream = Stream(chat_pb2_grpc.ChatStub(channel).Ask(
+            chat_pb2.AskRequest(prompt="Hi"), timeout=DEADLINE
+        ))
+        ask = yield within(service.asks.get())
+        ask.piece("secure")
+        ask.finish("secure")
+        messages, error = yield stream.rest()
+        self.assertIsNone(error)
+        self.assertEqual(messages[0].response, "secure")
+
+        plain = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+        self.addCleanup(plain.close)
+        e = yield self.assertFailure(
+            within(deferToThread(
+                chat_pb2_grpc.ChatStub(plain).ListConversations,
+                chat_pb2.ListConversationsRequest(), timeout=DEADLINE,
+            )),
+            grpc.RpcError,
+        )
+        self.assertEqual(e.code(), grpc.StatusCode.UNAVAILABLE)

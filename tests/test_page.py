@@ -216,3 +216,47 @@ class ChatPageTests(TestCase):
                   == "sk-page-test", "the kept key")
         finally:
             driver.quit()
+
+    async def test_docs(self) -> None:
+        """
+        When a browser opens Swagger UI, then it renders every operation of
+        the OpenAPI 3.1 document, loading nothing from another origin.
+        """
+        missing = browser_missing()
+        if missing:
+            self.fail(missing)
+        await deferToThread(self.drive_docs)
+
+    def drive_docs(self) -> None:
+        """The browser's part of L{test_docs}."""
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        from easybackend.transports.pages import openapi_document
+        from tests.test_openapi import documented_routes
+
+        operations = len(documented_routes(openapi_document()))
+        driver = self.browser()
+        try:
+            driver.get(self.url + "/docs/index.html")
+            WebDriverWait(driver, WAIT).until(
+                lambda d: len(d.find_elements(By.CSS_SELECTOR, ".opblock")) == operations,
+                f"waited {WAIT} s for {operations} operations in Swagger UI")
+            self.assertEqual(driver.find_elements(By.CSS_SELECTOR, ".errors-wrapper"), [])
+            self.assertIn("OAS 3.1", driver.find_element(By.CSS_SELECTOR, ".info").text)
+            loaded = driver.execute_script(
+                "return performance.getEntriesByType('resource').map((e) => e.name)")
+            self.assertIn(self.url + "/openapi.json", loaded)
+            self.assertEqual([u for u in loaded if not u.startswith(self.url + "/")], [])
+
+            # The chat page's key is offered to "Authorize".
+            driver.execute_script("localStorage.setItem('easybackend.apiKey', 'sk-docs')")
+            driver.refresh()
+            WebDriverWait(driver, WAIT).until(
+                lambda d: d.execute_script(
+                    "return window.ui && window.ui.authSelectors.authorized().toJS()"),
+                f"waited {WAIT} s for Swagger UI's authorization")
+            authorized = driver.execute_script("return window.ui.authSelectors.authorized().toJS()")
+            self.assertEqual(authorized["bearerAuth"]["value"], "sk-docs")
+        finally:
+            driver.quit()

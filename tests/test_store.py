@@ -1,22 +1,49 @@
-"""Tests for L{easybackend.store}."""
+"""
+Tests for L{easybackend.store}.
+
+The shared tests are mixins run twice, by an C{SQLite...} class on a fresh
+file and by a C{Postgres...} class on a fresh database of the PostgreSQL
+server at C{EASYBACKEND_TEST_POSTGRES} (default: the loopback one, trust
+authentication).  Without that server the PostgreSQL tests fail: CI must
+start it.
+"""
 
 from __future__ import annotations
 
 import os
 import sqlite3
 import sys
-from typing import Any
+import uuid
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypeVar
 
 from twisted.internet import reactor
+from twisted.internet.defer import CancelledError, Deferred, gatherResults
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
 import easybackend
-from easybackend.errors import BadRequest, NotFound
+from easybackend.errors import BadRequest, LockTimeout, NotFound
 from easybackend.model import Turn, Usage
-from easybackend.store import SQLITE, Store, StoreError, title_for
+from easybackend.store import (
+    POSTGRES,
+    SQLITE,
+    Dialect,
+    Lease,
+    Store,
+    StoreError,
+    StoreUnavailable,
+    title_for,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(easybackend.__file__)))
+#: The server the PostgreSQL tests make their databases on.
+POSTGRES_URL = os.environ.get(
+    "EASYBACKEND_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+
+T = TypeVar("T")
 
 
 def turn(
@@ -42,23 +69,57 @@ def turn(
     return Turn(**values)
 
 
-def raw(path: str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    """Run C{sql} on a separate plain connection, as another process would."""
-    connection = sqlite3.connect(path)
-    try:
-        return connection.execute(sql, params).fetchall()
-    finally:
-        connection.close()
+def with_database(url: str, database: str) -> str:
+    """C{url} naming another database on the same server."""
+    return url.rsplit("/", 1)[0] + "/" + database
 
 
-class StoreTestCase(TestCase):
-    """Opens stores on SQLite files in the test's temporary folder."""
+async def eventually(
+    check: Callable[[], Awaitable[bool]], what: str, within: float = 10.0
+) -> None:
+    """
+    Wait, by reactor time, until C{check} fires True: for observing another
+    connection's wait on a lock.  Fails the test after C{within} seconds.
+    """
+    deadline = reactor.seconds() + within
+    while not await check():
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"not within {within}s: {what}")
+        await deferLater(reactor, 0.01)
 
-    async def open(self, path: str | None = None, **kw: Any) -> Store:
-        self.path = path or self.mktemp()
-        store = await Store.open(self.path, **kw)
+
+# --- the two databases ---------------------------------------------------------
+
+
+class BackendCase(TestCase):
+    """What the shared tests need of a database."""
+
+    #: this test's database: a file path or a URL
+    target: str
+    dialect: Dialect
+    IntegrityError: type[Exception]
+
+    async def open(self, target: str | None = None, **kw: Any) -> Store:
+        """A store on this test's database, closed when the test ends."""
+        store = await Store.open(target or self.target, **kw)
         self.addCleanup(store.close)
         return store
+
+    async def on_cursor(self, f: Callable[[Any], T]) -> T:
+        """Run C{f(cursor)} on a plain connection of its own, as another process would."""
+        raise NotImplementedError()
+
+    async def raw(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """The rows of C{sql} (C{?} placeholders), run on a plain connection."""
+
+        def query(cursor: Any) -> list[tuple[Any, ...]]:
+            cursor.execute(self.dialect.sql(sql), params)
+            return [tuple(row) for row in cursor.fetchall()]
+
+        return await self.on_cursor(query)
+
+    async def schema_version(self) -> int:
+        return await self.on_cursor(self.dialect.schema_version)
 
     async def chain(self, store: Store, turns: int, cid: str = "c1") -> list[str]:
         """Commit C{turns} turns, each after the last; the answers' ids."""
@@ -71,19 +132,118 @@ class StoreTestCase(TestCase):
         return answers
 
 
-class OpenTests(StoreTestCase):
-    """Opening a database: migrations, connection settings, clear errors."""
+class SQLiteCase(BackendCase):
+    """Each test on a new SQLite file in its temporary folder."""
 
-    async def test_empty_file_is_migrated(self) -> None:
+    dialect = SQLITE
+    IntegrityError = sqlite3.IntegrityError
+
+    def setUp(self) -> None:
+        self.target = os.path.abspath(self.mktemp())
+
+    async def on_cursor(self, f: Callable[[Any], T]) -> T:
+        connection = sqlite3.connect(self.target)
+        try:
+            result = f(connection.cursor())
+            connection.commit()
+            return result
+        finally:
+            connection.close()
+
+
+class PostgresCase(BackendCase):
+    """Each test on a new database of the test server, dropped at the end."""
+
+    dialect = POSTGRES
+
+    async def setUp(self) -> None:
+        try:
+            import psycopg
+        except ImportError:
+            self.fail("the PostgreSQL tests need psycopg: pip install 'psycopg[binary]'")
+        self.IntegrityError = psycopg.IntegrityError
+        name = "eb_test_" + uuid.uuid4().hex[:16]
+
+        def admin(sql: str) -> None:
+            with psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=5) as c:
+                c.execute(sql)
+
+        try:
+            await deferToThread(admin, f"CREATE DATABASE {name}")
+        except psycopg.OperationalError as e:
+            self.fail(
+                f"PostgreSQL is not reachable at {POSTGRES_URL} ({e}); start it"
+                " (.ci/run does) or set EASYBACKEND_TEST_POSTGRES"
+            )
+        self.addCleanup(deferToThread, admin, f"DROP DATABASE {name} WITH (FORCE)")
+        self.target = with_database(POSTGRES_URL, name)
+
+    def connect(self) -> Any:
+        """A plain blocking connection to this test's database."""
+        import psycopg
+
+        return psycopg.connect(self.target, application_name="test")
+
+    async def on_cursor(self, f: Callable[[Any], T]) -> T:
+        def run() -> T:
+            with self.connect() as connection:  # commits on success
+                return f(connection.cursor())
+
+        return await deferToThread(run)
+
+    async def waiting_locks(self) -> int:
+        """How many advisory lock requests on this database wait."""
+        [(n,)] = await self.raw(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+            " AND NOT granted AND database ="
+            " (SELECT oid FROM pg_database WHERE datname = current_database())"
+        )
+        return int(n)
+
+    async def waiting_is(self, n: int) -> bool:
+        return await self.waiting_locks() == n
+
+    async def held_locks(self) -> int:
+        """How many advisory locks on this database are held."""
+        [(n,)] = await self.raw(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+            " AND granted AND database ="
+            " (SELECT oid FROM pg_database WHERE datname = current_database())"
+        )
+        return int(n)
+
+    async def terminate(self, application: str = "easybackend%") -> int:
+        """Kill the store's server sessions on this database, as a restart would."""
+        rows = await self.raw(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            " AND application_name LIKE ?",
+            (application,),
+        )
+        return len(rows)
+
+
+if TYPE_CHECKING:
+    _Shared = BackendCase
+else:
+    _Shared = object
+
+
+# --- the shared tests ------------------------------------------------------------
+
+
+class OpenTests(_Shared):
+    """Opening a database: migrations and the life of a store."""
+
+    async def test_empty_database_is_migrated(self) -> None:
         """
-        When a new file is opened, then every migration is applied and
-        C{user_version} records the last one.
+        When a new database is opened, then every migration is applied and
+        the schema's version records the last one.
         """
         await self.open()
-        version = raw(self.path, "PRAGMA user_version")[0][0]
-        self.assertEqual(version, len(SQLITE.migrations))
-        tables = {r[0] for r in raw(self.path, "SELECT name FROM sqlite_master")}
-        self.assertTrue({"conversations", "messages"} <= tables)
+        self.assertEqual(await self.schema_version(), len(self.dialect.migrations))
+        self.assertEqual(await self.raw("SELECT count(*) FROM conversations"), [(0,)])
+        self.assertEqual(await self.raw("SELECT count(*) FROM messages"), [(0,)])
 
     async def test_reopen_is_idempotent(self) -> None:
         """
@@ -93,95 +253,24 @@ class OpenTests(StoreTestCase):
         store = await self.open()
         await store.commit_turn(turn(), 1.0)
         store.close()
-        store = await self.open(self.path)
-        await self.open(self.path)
-        self.assertEqual(
-            raw(self.path, "PRAGMA user_version")[0][0], len(SQLITE.migrations)
-        )
+        store = await self.open()
+        await self.open()
+        self.assertEqual(await self.schema_version(), len(self.dialect.migrations))
         self.assertIsNotNone(await store.get_conversation("c1"))
-
-    async def test_connection_settings(self) -> None:
-        """
-        When a store is open, then its connection writes ahead, enforces
-        foreign keys, waits for locks and syncs at checkpoints only.
-        """
-        store = await self.open()
-        pool = store._pool
-        self.assertEqual(raw(self.path, "PRAGMA journal_mode"), [("wal",)])
-        self.assertEqual(await pool.runQuery("PRAGMA foreign_keys"), [(1,)])
-        self.assertEqual(await pool.runQuery("PRAGMA synchronous"), [(1,)])
-        [(timeout,)] = await pool.runQuery("PRAGMA busy_timeout")
-        self.assertGreater(timeout, 0)
-
-    async def test_one_connection(self) -> None:
-        """
-        When many calls run at once, then they share the pool's one
-        connection.
-        """
-        store = await self.open()
-        await self.chain(store, 3)
-        self.assertEqual(len(store._pool.connections), 1)
-        self.assertEqual(store._pool.threadpool.max, 1)
-
-    async def test_missing_folder(self) -> None:
-        """
-        When the database's folder does not exist, then opening fails with a
-        L{StoreError} naming the path, and the folder is not created.
-        """
-        path = os.path.join(self.mktemp(), "db.sqlite3")
-        error = await self.assertFailure(Store.open(path), StoreError)
-        self.assertIn(path, str(error))
-        self.assertFalse(os.path.exists(os.path.dirname(path)))
-
-    async def test_folder_is_a_file(self) -> None:
-        """
-        When the database's "folder" is a file, then opening fails with a
-        L{StoreError} naming the path.
-        """
-        folder = self.mktemp()
-        with open(folder, "w"):
-            pass
-        path = os.path.join(folder, "db.sqlite3")
-        error = await self.assertFailure(Store.open(path), StoreError)
-        self.assertIn(path, str(error))
-
-    async def test_unwritable_folder(self) -> None:
-        """
-        When the database's folder is not writable, then opening fails with
-        a L{StoreError} naming the path.
-        """
-        if os.geteuid() == 0:
-            raise self.skipTest("root can write to any folder")
-        folder = self.mktemp()
-        os.mkdir(folder, 0o500)
-        self.addCleanup(os.chmod, folder, 0o700)
-        path = os.path.join(folder, "db.sqlite3")
-        error = await self.assertFailure(Store.open(path), StoreError)
-        self.assertIn(path, str(error))
-
-    async def test_not_a_database(self) -> None:
-        """
-        When the file is not an SQLite database, then opening fails with a
-        L{StoreError} naming the path, and the file is left as it was.
-        """
-        path = self.mktemp()
-        junk = b"this is not a database\n" * 100
-        with open(path, "wb") as f:
-            f.write(junk)
-        error = await self.assertFailure(Store.open(path), StoreError)
-        self.assertIn(path, str(error))
-        with open(path, "rb") as f:
-            self.assertEqual(f.read(), junk)
 
     async def test_newer_schema(self) -> None:
         """
         When the database's schema is newer than this program's, then
-        opening fails with a L{StoreError} saying so, naming the path.
+        opening fails with a L{StoreError} saying so, naming the database.
         """
-        path = self.mktemp()
-        raw(path, "PRAGMA user_version = 999")
-        error = await self.assertFailure(Store.open(path), StoreError)
-        self.assertIn(path, str(error))
+
+        def newer(cursor: Any) -> None:
+            self.dialect.schema_version(cursor)
+            self.dialect.set_schema_version(cursor, 999)
+
+        await self.on_cursor(newer)
+        error = await self.assertFailure(Store.open(self.target), StoreError)
+        self.assertIn(self.dialect.display(self.target), str(error))
         self.assertIn("newer", str(error))
 
     async def test_ping(self) -> None:
@@ -195,8 +284,25 @@ class OpenTests(StoreTestCase):
         store.close()
         store.close()
 
+    async def test_lease(self) -> None:
+        """
+        When a conversation lock is taken, then its lease releases once,
+        a second release doing nothing, and it can be used with C{async
+        with}.
+        """
+        store = await self.open()
+        lease = await store.lock_conversation("c1", 5.0)
+        self.assertIsInstance(lease, Lease)
+        self.assertEqual(lease.conversation_id, "c1")
+        await lease.release()
+        await lease.release()
+        async with await store.lock_conversation("c1", 5.0):
+            await store.commit_turn(turn(), 1.0)
+        async with await store.lock_conversation("c1", 5.0):
+            pass
 
-class CommitTurnTests(StoreTestCase):
+
+class CommitTurnTests(_Shared):
     """Storing a finished turn."""
 
     async def test_first_turn_creates_conversation(self) -> None:
@@ -220,7 +326,7 @@ class CommitTurnTests(StoreTestCase):
             ("hello", "Be brief.", "gpt-test", "alice", 42.0, 42.0, answer_id),
         )
         self.assertEqual(
-            raw(self.path, "SELECT system_tokens FROM conversations"), [(7,)]
+            await self.raw("SELECT system_tokens FROM conversations"), [(7,)]
         )
         prompt = await store.get_message("c1", prompt_id)
         answer = await store.get_message("c1", answer_id)
@@ -276,12 +382,9 @@ class CommitTurnTests(StoreTestCase):
         the conversation nor any message is stored.
         """
         store = await self.open(new_id=lambda: "msg_same")
-        await self.assertFailure(
-            store.commit_turn(turn(), 1.0), sqlite3.IntegrityError
-        )
+        await self.assertFailure(store.commit_turn(turn(), 1.0), self.IntegrityError)
         self.assertIsNone(await store.get_conversation("c1"))
-        self.assertEqual(raw(self.path, "SELECT count(*) FROM messages"), [(0,)])
-        self.assertEqual(raw(self.path, "PRAGMA integrity_check"), [("ok",)])
+        self.assertEqual(await self.raw("SELECT count(*) FROM messages"), [(0,)])
 
     async def test_failure_keeps_conversation(self) -> None:
         """
@@ -293,11 +396,10 @@ class CommitTurnTests(StoreTestCase):
         await store.commit_turn(turn(), 1.0)
         before = await store.get_conversation("c1")
         await self.assertFailure(
-            store.commit_turn(turn(parent_id="msg_2"), 2.0),
-            sqlite3.IntegrityError,
+            store.commit_turn(turn(parent_id="msg_2"), 2.0), self.IntegrityError
         )
         self.assertEqual(await store.get_conversation("c1"), before)
-        self.assertEqual(raw(self.path, "SELECT count(*) FROM messages"), [(2,)])
+        self.assertEqual(await self.raw("SELECT count(*) FROM messages"), [(2,)])
 
     async def test_unknown_parent(self) -> None:
         """
@@ -313,18 +415,18 @@ class CommitTurnTests(StoreTestCase):
             store.commit_turn(turn(parent_id=other), 2.0), NotFound
         )
         self.assertIsNone(await store.get_conversation("c1"))
-        self.assertEqual(raw(self.path, "SELECT count(*) FROM messages"), [(2,)])
+        self.assertEqual(await self.raw("SELECT count(*) FROM messages"), [(2,)])
 
     async def test_ids_are_unique(self) -> None:
         """When many turns are committed, then all message ids differ."""
         store = await self.open()
         await self.chain(store, 20)
         self.assertEqual(
-            raw(self.path, "SELECT count(DISTINCT id) FROM messages"), [(40,)]
+            await self.raw("SELECT count(DISTINCT id) FROM messages"), [(40,)]
         )
 
 
-class ReadTests(StoreTestCase):
+class ReadTests(_Shared):
     """Reading messages and branches."""
 
     async def test_branch_root_first(self) -> None:
@@ -390,8 +492,7 @@ class ReadTests(StoreTestCase):
     async def test_long_branch(self) -> None:
         """
         When a conversation holds 1,000 messages, then its branch is read
-        whole and in order by primary-key lookups, never by scanning the
-        messages table.
+        whole and in order, rolled back and deleted.
         """
         store = await self.open()
         answers = await self.chain(store, 500)
@@ -402,27 +503,13 @@ class ReadTests(StoreTestCase):
         self.assertEqual(
             [m.role for m in messages[:4]], ["user", "assistant"] * 2
         )
-        from easybackend.store import _PATH
-
-        plan = raw(
-            self.path,
-            "EXPLAIN QUERY PLAN " + _PATH
-            + "SELECT m.* FROM path JOIN messages AS m ON m.id = path.id"
-            " ORDER BY path.depth DESC",
-            (answers[-1], "c1"),
-        )
-        details = [row[-1] for row in plan]
-        self.assertFalse(
-            [d for d in details if d.startswith("SCAN") and d != "SCAN path"],
-            details,
-        )
         conversation = await store.rollback("c1", 250)
         self.assertEqual(conversation.leaf_id, answers[249])
         self.assertTrue(await store.delete_conversation("c1"))
-        self.assertEqual(raw(self.path, "SELECT count(*) FROM messages"), [(0,)])
+        self.assertEqual(await self.raw("SELECT count(*) FROM messages"), [(0,)])
 
 
-class RollbackTests(StoreTestCase):
+class RollbackTests(_Shared):
     """Moving the leaf back."""
 
     async def test_one_turn(self) -> None:
@@ -491,7 +578,7 @@ class RollbackTests(StoreTestCase):
         await self.assertFailure(store.rollback("c1", -3), BadRequest)
 
 
-class ListAndDeleteTests(StoreTestCase):
+class ListAndDeleteTests(_Shared):
     """Listing and deleting conversations."""
 
     async def test_order_and_paging(self) -> None:
@@ -540,7 +627,8 @@ class ListAndDeleteTests(StoreTestCase):
     async def test_delete_cascades(self) -> None:
         """
         When a conversation is deleted, then its messages go with it, other
-        conversations stay, and deleting it again reports it was not there.
+        conversations stay, no message is left without its parent, and
+        deleting it again reports it was not there.
         """
         store = await self.open()
         answers = await self.chain(store, 3)
@@ -549,13 +637,21 @@ class ListAndDeleteTests(StoreTestCase):
         self.assertTrue(await store.delete_conversation("c1"))
         self.assertIsNone(await store.get_conversation("c1"))
         self.assertIsNone(await store.get_message("c1", answers[0]))
-        self.assertEqual(raw(self.path, "SELECT count(*) FROM messages"), [(4,)])
+        self.assertEqual(await self.raw("SELECT count(*) FROM messages"), [(4,)])
         self.assertFalse(await store.delete_conversation("c1"))
         self.assertIsNotNone(await store.get_conversation("keep"))
-        self.assertEqual(raw(self.path, "PRAGMA foreign_key_check"), [])
+        self.assertEqual(
+            await self.raw(
+                "SELECT count(*) FROM messages AS m"
+                " LEFT JOIN messages AS p ON p.id = m.parent_id"
+                " LEFT JOIN conversations AS c ON c.id = m.conversation_id"
+                " WHERE (m.parent_id IS NOT NULL AND p.id IS NULL) OR c.id IS NULL"
+            ),
+            [(0,)],
+        )
 
 
-class ImportConversationTests(StoreTestCase):
+class ImportConversationTests(_Shared):
     """Creating a whole conversation at once, for the importer."""
 
     async def test_chain(self) -> None:
@@ -583,7 +679,7 @@ class ImportConversationTests(StoreTestCase):
         store = await self.open()
         await self.chain(store, 1, "old")
         self.assertFalse(await store.import_conversation([turn("old")], 5.0))
-        self.assertEqual(raw(self.path, "SELECT count(*) FROM messages"), [(2,)])
+        self.assertEqual(await self.raw("SELECT count(*) FROM messages"), [(2,)])
 
     async def test_bad_turns(self) -> None:
         """
@@ -613,8 +709,8 @@ def new_id():
         os._exit(3)
     return f"msg_{made}"
 
-async def main(reactor, path):
-    store = await Store.open(path, reactor, new_id=new_id)
+async def main(reactor, target):
+    store = await Store.open(target, reactor, new_id=new_id)
     await store.commit_turn(Turn("c1", None, "one", 1, "answer one", 1,
                                  "m", "stop", None), 1.0)
     await store.commit_turn(Turn("c1", "msg_2", "two", 1, "answer two", 1,
@@ -624,26 +720,27 @@ task.react(main, [sys.argv[1]])
 """
 
 
-class CrashTests(StoreTestCase):
+class CrashTests(_Shared):
     """What a crash leaves behind."""
+
+    async def check_after_crash(self, store: Store) -> None:
+        """Checks of the database's own, after the crash."""
 
     async def test_crash_mid_turn(self) -> None:
         """
         When the process dies in the middle of a turn's transaction, then
-        the database passes its integrity check and holds the earlier turn
-        whole and nothing of the interrupted one.
+        the database holds the earlier turn whole and nothing of the
+        interrupted one.
         """
-        path = os.path.abspath(self.mktemp())
         out, err, code = await getProcessOutputAndValue(
             sys.executable,
-            ["-c", CRASHING_CHILD, path],
+            ["-c", CRASHING_CHILD, self.target],
             env={**os.environ, "PYTHONPATH": ROOT},
             path=ROOT,
             reactor=reactor,
         )
         self.assertEqual(code, 3, err)
-        self.assertTrue(os.path.exists(path + "-wal"))
-        store = await self.open(path)
+        store = await self.open()
         conversation = await store.get_conversation("c1")
         assert conversation is not None
         self.assertEqual(conversation.leaf_id, "msg_2")
@@ -651,6 +748,472 @@ class CrashTests(StoreTestCase):
             [m.id for m in await store.branch("c1", "msg_2")], ["msg_1", "msg_2"]
         )
         self.assertIsNone(await store.get_message("c1", "msg_3"))
+        await self.check_after_crash(store)
+
+
+class SQLiteOpenTests(OpenTests, SQLiteCase):
+    """Opening an SQLite file: connection settings and clear file errors."""
+
+    async def test_connection_settings(self) -> None:
+        """
+        When a store is open, then its connection writes ahead, enforces
+        foreign keys, waits for locks and syncs at checkpoints only.
+        """
+        store = await self.open()
+        pool = store._pool
+        self.assertEqual(await self.raw("PRAGMA journal_mode"), [("wal",)])
+        self.assertEqual(await pool.runQuery("PRAGMA foreign_keys"), [(1,)])
+        self.assertEqual(await pool.runQuery("PRAGMA synchronous"), [(1,)])
+        [(timeout,)] = await pool.runQuery("PRAGMA busy_timeout")
+        self.assertGreater(timeout, 0)
+
+    async def test_one_connection(self) -> None:
+        """
+        When many calls run at once, then they share the pool's one
+        connection, whatever pool size was asked for.
+        """
+        store = await self.open(pool_size=4)
+        await self.chain(store, 3)
+        self.assertEqual(len(store._pool.connections), 1)
+        self.assertEqual(store._pool.threadpool.max, 1)
+
+    async def test_missing_folder(self) -> None:
+        """
+        When the database's folder does not exist, then opening fails with a
+        L{StoreError} naming the path, and the folder is not created.
+        """
+        path = os.path.join(self.mktemp(), "db.sqlite3")
+        error = await self.assertFailure(Store.open(path), StoreError)
+        self.assertIn(path, str(error))
+        self.assertFalse(os.path.exists(os.path.dirname(path)))
+
+    async def test_folder_is_a_file(self) -> None:
+        """
+        When the database's "folder" is a file, then opening fails with a
+        L{StoreError} naming the path.
+        """
+        folder = self.mktemp()
+        with open(folder, "w"):
+            pass
+        path = os.path.join(folder, "db.sqlite3")
+        error = await self.assertFailure(Store.open(path), StoreError)
+        self.assertIn(path, str(error))
+
+    async def test_unwritable_folder(self) -> None:
+        """
+        When the database's folder is not writable, then opening fails with
+        a L{StoreError} naming the path.
+        """
+        if os.geteuid() == 0:
+            raise self.skipTest("root can write to any folder")
+        folder = self.mktemp()
+        os.mkdir(folder, 0o500)
+        self.addCleanup(os.chmod, folder, 0o700)
+        path = os.path.join(folder, "db.sqlite3")
+        error = await self.assertFailure(Store.open(path), StoreError)
+        self.assertIn(path, str(error))
+
+    async def test_not_a_database(self) -> None:
+        """
+        When the file is not an SQLite database, then opening fails with a
+        L{StoreError} naming the path, and the file is left as it was.
+        """
+        junk = b"this is not a database\n" * 100
+        with open(self.target, "wb") as f:
+            f.write(junk)
+        error = await self.assertFailure(Store.open(self.target), StoreError)
+        self.assertIn(self.target, str(error))
+        with open(self.target, "rb") as f:
+            self.assertEqual(f.read(), junk)
+
+    async def test_lock_is_a_no_op(self) -> None:
+        """
+        When two holders ask for one conversation's lock on SQLite, then
+        both get it at once: one process uses the file, and its service
+        serializes turns.
+        """
+        store = await self.open()
+        first = await store.lock_conversation("c1", 0.0)
+        second = await store.lock_conversation("c1", 0.0)
+        await gatherResults([first.release(), second.release()])
+
+
+class PostgresOpenTests(OpenTests, PostgresCase):
+    """Opening PostgreSQL: the URL, the pool, errors, concurrent migrations."""
+
+    async def test_postgres_scheme(self) -> None:
+        """When the URL starts with C{postgres://}, then PostgreSQL is opened too."""
+        store = await self.open(self.target.replace("postgresql://", "postgres://", 1))
+        self.assertEqual(store._pool.dbapiName, "psycopg")
+        self.assertEqual(await self.schema_version(), len(POSTGRES.migrations))
+
+    async def test_pool_size(self) -> None:
+        """
+        When a pool size is given, then at most that many connections run
+        queries, and conversation locks use connections of their own.
+        """
+        store = await self.open(pool_size=3, lock_pool_size=2)
+        self.assertEqual(store._pool.threadpool.max, 3)
+        await gatherResults([store.commit_turn(turn(f"c{n}"), 1.0) for n in range(12)])
+        self.assertLessEqual(len(store._pool.connections), 3)
+        async with await store.lock_conversation("c1", 5.0):
+            rows = await self.raw(
+                "SELECT application_name, count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database()"
+                " AND application_name LIKE 'easybackend%'"
+                " GROUP BY application_name"
+            )
+        counts = dict(rows)
+        self.assertLessEqual(counts["easybackend"], 3)
+        self.assertEqual(counts["easybackend-turn-lock"], 1)
+
+    async def test_unreachable(self) -> None:
+        """
+        When the server cannot be reached, then opening fails with a
+        L{StoreError} naming the URL with its password masked.
+        """
+        url = "postgresql://postgres:sekret@127.0.0.1:1/nothing"
+        error = await self.assertFailure(Store.open(url), StoreError)
+        self.assertIn("postgresql://postgres:***@127.0.0.1:1/nothing", str(error))
+        self.assertNotIn("sekret", str(error))
+
+    async def test_missing_database(self) -> None:
+        """
+        When the database does not exist, then opening fails with a
+        L{StoreError} naming it.
+        """
+        url = with_database(self.target, "eb_test_missing")
+        error = await self.assertFailure(Store.open(url), StoreError)
+        self.assertIn(url, str(error))
+        self.assertIn("does not exist", str(error))
+
+    async def test_concurrent_migrations(self) -> None:
+        """
+        When two stores open one new database at the same moment, then
+        both open, and each migration step is applied once.
+        """
+        stores = await gatherResults(
+            [Store.open(self.target) for _ in range(2)], consumeErrors=True
+        )
+        for store in stores:
+            self.addCleanup(store.close)
+        self.assertEqual(await self.schema_version(), len(POSTGRES.migrations))
+        await stores[0].commit_turn(turn(), 1.0)
+        self.assertIsNotNone(await stores[1].get_conversation("c1"))
+
+    async def test_migration_waits(self) -> None:
+        """
+        When another process holds the migration lock, then opening waits
+        for it, and then sees the version that process recorded instead of
+        migrating again.
+        """
+        connection = self.connect()
+        self.addCleanup(connection.close)
+        cursor = connection.cursor()
+        await deferToThread(POSTGRES.begin_migration, cursor)
+        opening = Store.open(self.target)
+        await eventually(
+            lambda: self.waiting_is(1),
+            "the opening store waits for the migration lock",
+        )
+        self.assertNoResult(opening)
+
+        def migrate() -> None:
+            POSTGRES.schema_version(cursor)
+            for statement in POSTGRES.migrations[0]:
+                cursor.execute(statement)
+            POSTGRES.set_schema_version(cursor, len(POSTGRES.migrations))
+            connection.commit()
+
+        await deferToThread(migrate)
+        store = await opening
+        self.addCleanup(store.close)
+        self.assertIsNone(await store.ping())
+        self.assertEqual(await self.schema_version(), len(POSTGRES.migrations))
+
+
+class SQLiteCommitTurnTests(CommitTurnTests, SQLiteCase):
+    """Storing a finished turn, on SQLite."""
+
+    async def test_failure_leaves_file_intact(self) -> None:
+        """
+        When a statement fails inside the turn's transaction, then the file
+        passes its integrity check.
+        """
+        store = await self.open(new_id=lambda: "msg_same")
+        await self.assertFailure(store.commit_turn(turn(), 1.0), sqlite3.IntegrityError)
+        self.assertEqual(await self.raw("PRAGMA integrity_check"), [("ok",)])
+        self.assertEqual(await self.raw("PRAGMA foreign_key_check"), [])
+
+
+class PostgresCommitTurnTests(CommitTurnTests, PostgresCase):
+    """Storing a finished turn, on PostgreSQL."""
+
+
+class SQLiteReadTests(ReadTests, SQLiteCase):
+    """Reading messages and branches, on SQLite."""
+
+    async def test_branch_by_primary_key(self) -> None:
+        """
+        When a branch is read, then each step up the tree is a primary-key
+        lookup, never a scan of the messages table.
+        """
+        store = await self.open()
+        answers = await self.chain(store, 5)
+        from easybackend.store import _PATH
+
+        plan = await self.raw(
+            "EXPLAIN QUERY PLAN " + _PATH
+            + "SELECT m.* FROM path JOIN messages AS m ON m.id = path.id"
+            " ORDER BY path.depth DESC",
+            (answers[-1], "c1"),
+        )
+        details = [row[-1] for row in plan]
+        self.assertFalse(
+            [d for d in details if d.startswith("SCAN") and d != "SCAN path"],
+            details,
+        )
+
+
+class PostgresReadTests(ReadTests, PostgresCase):
+    """Reading messages and branches, on PostgreSQL."""
+
+
+class SQLiteRollbackTests(RollbackTests, SQLiteCase):
+    """Moving the leaf back, on SQLite."""
+
+
+class PostgresRollbackTests(RollbackTests, PostgresCase):
+    """Moving the leaf back, on PostgreSQL."""
+
+
+class SQLiteListAndDeleteTests(ListAndDeleteTests, SQLiteCase):
+    """Listing and deleting conversations, on SQLite."""
+
+
+class PostgresListAndDeleteTests(ListAndDeleteTests, PostgresCase):
+    """Listing and deleting conversations, on PostgreSQL."""
+
+
+class SQLiteImportConversationTests(ImportConversationTests, SQLiteCase):
+    """Creating a whole conversation at once, on SQLite."""
+
+
+class PostgresImportConversationTests(ImportConversationTests, PostgresCase):
+    """Creating a whole conversation at once, on PostgreSQL."""
+
+
+class SQLiteCrashTests(CrashTests, SQLiteCase):
+    """What a crash leaves in an SQLite file."""
+
+    async def check_after_crash(self, store: Store) -> None:
+        """The write-ahead log was left behind, and the file is sound."""
+        self.assertTrue(os.path.exists(self.target + "-wal"))
         self.assertEqual(
             await store._pool.runQuery("PRAGMA integrity_check"), [("ok",)]
         )
+
+
+class PostgresCrashTests(CrashTests, PostgresCase):
+    """What a crash leaves in PostgreSQL."""
+
+
+# --- PostgreSQL only ---------------------------------------------------------------
+
+
+class ConversationLockTests(PostgresCase):
+    """Conversation locks across processes (two stores stand for two replicas)."""
+
+    async def test_serializes_two_holders(self) -> None:
+        """
+        When two stores ask for one conversation's lock, then the second
+        gets it only once the first releases it.
+        """
+        one, two = await self.open(), await self.open()
+        first = await one.lock_conversation("c1", 10.0)
+        second = two.lock_conversation("c1", 10.0)
+        await eventually(lambda: self.waiting_is(1), "the second holder waits")
+        self.assertNoResult(second)
+        await first.release()
+        lease = await second
+        self.assertEqual(await self.held_locks(), 1)
+        await lease.release()
+        self.assertEqual(await self.held_locks(), 0)
+
+    async def test_timeout(self) -> None:
+        """
+        When the lock is held for longer than the wait allows, then the wait
+        fails with L{LockTimeout} ("conversation_busy") after that time,
+        and the lock can be had once released.
+        """
+        one, two = await self.open(), await self.open()
+        first = await one.lock_conversation("c1", 10.0)
+        started = reactor.seconds()
+        error = await self.assertFailure(
+            two.lock_conversation("c1", 0.2), LockTimeout
+        )
+        self.assertGreaterEqual(reactor.seconds() - started, 0.15)
+        self.assertEqual(error.code, "conversation_busy")
+        self.assertIn("'c1'", str(error))
+        await first.release()
+        await (await two.lock_conversation("c1", 5.0)).release()
+
+    async def test_other_conversations(self) -> None:
+        """When one conversation is locked, then another is not held up."""
+        one, two = await self.open(), await self.open()
+        first = await one.lock_conversation("c1", 10.0)
+        await (await two.lock_conversation("c2", 0.5)).release()
+        await first.release()
+
+    async def test_cancel(self) -> None:
+        """
+        When a wait is cancelled, then it stops waiting, and does not take
+        the lock once it is free.
+        """
+        one, two = await self.open(), await self.open()
+        first = await one.lock_conversation("c1", 10.0)
+        second = two.lock_conversation("c1", 30.0)
+        await eventually(lambda: self.waiting_is(1), "the second holder waits")
+        second.cancel()
+        await self.assertFailure(second, CancelledError)
+        await eventually(lambda: self.waiting_is(0), "the wait is given up")
+        await first.release()
+        third = await one.lock_conversation("c1", 5.0)
+        self.assertEqual(await self.held_locks(), 1)
+        await third.release()
+
+    async def test_lock_pool_full(self) -> None:
+        """
+        When every lock connection is in use, then another wait fails with
+        L{LockTimeout} after its timeout, and succeeds once one is freed.
+        """
+        store = await self.open(lock_pool_size=1)
+        first = await store.lock_conversation("c1", 5.0)
+        error = await self.assertFailure(
+            store.lock_conversation("c2", 0.1), LockTimeout
+        )
+        self.assertIn("in use", str(error))
+        await first.release()
+        await (await store.lock_conversation("c2", 5.0)).release()
+
+    async def test_queries_run_while_locks_are_held(self) -> None:
+        """
+        When as many turns as the query pool has connections hold locks,
+        and another waits, then queries still run.
+        """
+        store = await self.open(pool_size=1, lock_pool_size=3)
+        held = [await store.lock_conversation(f"c{n}", 5.0) for n in range(2)]
+        waiting = store.lock_conversation("c0", 30.0)
+        await eventually(lambda: self.waiting_is(1), "the third holder waits")
+        await store.commit_turn(turn("c0"), 1.0)
+        self.assertIsNotNone(await store.get_conversation("c0"))
+        for lease in held:
+            await lease.release()
+        await (await waiting).release()
+
+    async def test_turns_never_interleave(self) -> None:
+        """
+        When turns on one conversation run at once on two stores, each
+        under the conversation's lock, then they form one chain: no turn is
+        lost and none forks.
+        """
+        stores = [await self.open(), await self.open()]
+
+        async def one_turn(n: int) -> None:
+            store = stores[n % 2]
+            async with await store.lock_conversation("c1", 30.0):
+                conversation = await store.get_conversation("c1")
+                leaf = conversation.leaf_id if conversation else None
+                await store.commit_turn(turn(parent_id=leaf, prompt=f"p{n}"), 1.0)
+
+        await gatherResults(
+            [Deferred.fromCoroutine(one_turn(n)) for n in range(12)]
+        )
+        conversation = await stores[0].get_conversation("c1")
+        assert conversation is not None
+        branch = await stores[1].branch("c1", conversation.leaf_id)
+        self.assertEqual(len(branch), 24)
+        self.assertEqual(await self.raw("SELECT count(*) FROM messages"), [(24,)])
+
+
+class RecoveryTests(PostgresCase):
+    """Losing the database's connections, and coming back."""
+
+    async def test_query_after_restart(self) -> None:
+        """
+        When the server drops the pool's connections, then the next call
+        fails with L{StoreUnavailable}, not a driver error, and the calls
+        after it run on a new connection with the data intact.
+        """
+        store = await self.open(pool_size=1)
+        _, leaf = await store.commit_turn(turn(), 1.0)
+        self.assertEqual(await self.terminate(), 1)
+        error = await self.assertFailure(store.ping(), StoreUnavailable)
+        self.assertIn("unavailable", str(error))
+        self.assertEqual(error.code, "store_unavailable")
+        self.flushLoggedErrors()
+        await store.commit_turn(turn(parent_id=leaf), 2.0)
+        self.assertEqual(await self.raw("SELECT count(*) FROM messages"), [(4,)])
+
+    async def test_lost_mid_call(self) -> None:
+        """
+        When the server drops the connection while a call waits on it, then
+        that call fails with L{StoreUnavailable} and stores nothing, and the
+        next call succeeds.
+        """
+        store = await self.open(pool_size=1)
+        await self.chain(store, 2)
+        blocker = self.connect()
+        self.addCleanup(blocker.close)
+        await deferToThread(
+            blocker.execute, "SELECT 1 FROM conversations WHERE id = 'c1' FOR UPDATE"
+        )
+        rolling = store.rollback("c1", 1)
+
+        async def blocked() -> bool:
+            rows = await self.raw(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname ="
+                " current_database() AND application_name = 'easybackend'"
+                " AND wait_event_type = 'Lock'"
+            )
+            return rows == [(1,)]
+
+        await eventually(blocked, "the rollback waits for the row")
+        await self.terminate("easybackend")
+        await self.assertFailure(rolling, StoreUnavailable)
+        self.flushLoggedErrors()
+        await deferToThread(blocker.rollback)
+        conversation = await store.get_conversation("c1")
+        assert conversation is not None
+        self.assertEqual(len(await store.branch("c1", conversation.leaf_id)), 4)
+
+    async def test_lock_after_restart(self) -> None:
+        """
+        When the server drops the lock connections, idle or holding a lock,
+        then releasing still succeeds and the next lock is had on a new
+        connection.
+        """
+        store = await self.open()
+        held = await store.lock_conversation("c2", 5.0)
+        await (await store.lock_conversation("c1", 5.0)).release()
+        self.assertEqual(await self.terminate("easybackend-turn-lock"), 2)
+        await held.release()
+        await (await store.lock_conversation("c1", 5.0)).release()
+        await (await store.lock_conversation("c2", 5.0)).release()
+
+    async def test_lost_while_waiting(self) -> None:
+        """
+        When the server drops the connection of a wait for a lock, then the
+        wait fails with L{StoreUnavailable}.
+        """
+        one, two = await self.open(), await self.open()
+        first = await one.lock_conversation("c1", 10.0)
+        second = two.lock_conversation("c1", 30.0)
+        await eventually(lambda: self.waiting_is(1), "the second holder waits")
+        rows = await self.raw(
+            "SELECT pg_terminate_backend(l.pid) FROM pg_locks AS l"
+            " WHERE l.locktype = 'advisory' AND NOT l.granted"
+        )
+        self.assertEqual(rows, [(True,)])
+        await self.assertFailure(second, StoreUnavailable)
+        await first.release()

@@ -393,6 +393,7 @@ class FakeUpstream:
         factory=dict, init=False
     )
     _port: IListeningPort | None = field(default=None, init=False)
+    _listening: bool = field(default=False, init=False)
     _channels: set[_Channel] = field(factory=set, init=False)
     _connections: int = field(default=0, init=False)
     _answers: int = field(default=0, init=False)
@@ -423,6 +424,7 @@ class FakeUpstream:
 
         def listening(port: IListeningPort) -> IListeningPort:
             self._port = port
+            self._listening = True
             return port
 
         return endpoint.listen(site).addCallback(listening)
@@ -456,9 +458,11 @@ class FakeUpstream:
     def stop(self) -> "Deferred[None]":
         """
         Stop listening and close every connection; fires once all are closed.
+        L{base_url} still names the address, now refusing connections.
         """
         results: list[Deferred[Any]] = []
-        if self._port is not None:
+        if self._port is not None and self._listening:
+            self._listening = False
             results.append(maybeDeferred(self._port.stopListening))
         for channel in list(self._channels):
             d: Deferred[None] = Deferred()

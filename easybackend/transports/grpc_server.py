@@ -52,6 +52,8 @@ log = Logger()
 
 #: the gRPC service's full name, as health checks and reflection know it
 SERVICE_NAME = chat_pb2.DESCRIPTOR.services_by_name["Chat"].full_name
+#: this transport's label in logs and metrics
+TRANSPORT = "grpc"
 #: the default listener, in grpcio's address form
 DEFAULT_ADDRESS = "[::]:9000"
 DEFAULT_WORKERS = 10
@@ -71,9 +73,12 @@ STATUS: dict[str, grpc.StatusCode] = {
     "upstream_unavailable": grpc.StatusCode.UNAVAILABLE,
     "upstream_rate_limited": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "upstream_timeout": grpc.StatusCode.DEADLINE_EXCEEDED,
-    # codes of the production issue (keys, per-key limits), mapped ahead
+    # API keys and per-key limits
     "rate_limited": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
+    # another turn held the conversation too long: a concurrency conflict,
+    # worth retrying (gRPC's ABORTED)
+    "conversation_busy": grpc.StatusCode.ABORTED,
 }
 
 #: trailing metadata keys that carry the core's error details
@@ -171,7 +176,8 @@ def ask_request(message: chat_pb2.AskRequest, request_id: str | None = None) -> 
     if message.HasField("max_tokens"):
         body["max_tokens"] = message.max_tokens
     return AskRequest.from_mapping(
-        message.conversation_id or NEW, body, request_id=request_id
+        message.conversation_id or NEW, body, request_id=request_id,
+        transport=TRANSPORT,
     )
 
 

@@ -10,12 +10,14 @@ an HTML page.
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from functools import partial
 from typing import Any, Callable
 
 from attrs import frozen
 from klein import Klein
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -24,13 +26,17 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound as NoRoute
 
+from easybackend.auth import KeyRing
 from easybackend.errors import (
     BadRequest,
     EasyBackendError,
+    RateLimited,
+    Unauthenticated,
     RequestTooLarge,
     UpstreamError,
 )
 from easybackend.model import AskRequest, CompleteRequest, check_conversation_id
+from easybackend.observe import AccessRecord
 from easybackend.service import ConversationService
 from easybackend.transports import openai_api as oa, pages
 
@@ -44,6 +50,8 @@ STATUS: dict[str, int] = {
     "prompt_too_long": 413,
     "request_too_large": 413,
     "rate_limited": 429,
+    "unauthenticated": 401,
+    "conversation_busy": 503,
     "upstream_error": 502,
     "upstream_rate_limited": 502,
     "upstream_unavailable": 502,
@@ -60,6 +68,8 @@ class WebSettings:
     cors_origins: tuple[str, ...] = ("*",)
     #: seconds of silence after which an event stream gets a comment
     keepalive_interval: float = 15.0
+    #: client API keys; empty: open to all
+    keys: KeyRing = KeyRing()
 
 
 def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
@@ -110,6 +120,32 @@ class WebApp:
         self._cors(request)
         return json.dumps(body, ensure_ascii=False).encode("utf-8")
 
+    def _caller(self, request: IRequest, log_access: bool = True) -> str | None:
+        """
+        The name of the caller's key (None when keys are off), and one
+        access line when the request ends.  Asks are logged by the core
+        instead (C{log_access=False}), except when refused here.
+
+        @raise Unauthenticated: keys are on and the key is missing or wrong.
+        """
+        started = self.clock.seconds()
+        owner: list[str | None] = [None]
+
+        def done(_: object) -> None:
+            self.service.observer.record(AccessRecord(
+                transport="http", kind="request", status=str(request.code),
+                latency=self.clock.seconds() - started,
+                request_id=request.getHeader("x-request-id"), key=owner[0]))
+
+        try:
+            owner[0] = self.settings.keys.name_of_header(request.getHeader("authorization"))
+        except Unauthenticated:
+            request.notifyFinish().addBoth(done)
+            raise
+        if log_access:
+            request.notifyFinish().addBoth(done)
+        return owner[0]
+
     def _body(self, request: IRequest, required: bool = True) -> dict[str, Any]:
         """The request's JSON object, within the size limit."""
         limit = self.settings.max_body
@@ -134,9 +170,7 @@ class WebApp:
     @app.handle_errors(EasyBackendError)
     def _easy_error(self, request: IRequest, failure: Failure) -> bytes:
         error = failure.value
-        retry_after = getattr(error, "retry_after", None)
-        if retry_after is not None and error.code == "rate_limited":
-            request.setHeader("retry-after", str(int(retry_after + 0.999)))
+        _error_headers(request, error)
         return self._json(request, {"error": _error_fields(error)}, status_of(error))
 
     @app.handle_errors(NoRoute)
@@ -186,6 +220,11 @@ class WebApp:
         request.setResponseCode(204)
         return b""
 
+    @app.route("/metrics", methods=["GET"])
+    def metrics(self, request: IRequest) -> bytes:
+        request.setHeader("content-type", CONTENT_TYPE_LATEST)
+        return generate_latest(self.service.observer.metrics.registry)
+
     @app.route("/healthz", methods=["GET"])
     def healthz(self, request: IRequest) -> bytes:
         return self._json(request, {"status": "ok"})
@@ -197,9 +236,11 @@ class WebApp:
 
     @app.route("/ask/<string:conversation_id>", methods=["POST"])
     async def ask(self, request: IRequest, conversation_id: str) -> bytes:
+        owner = self._caller(request, log_access=False)
         body = self._body(request)
         ask = AskRequest.from_mapping(
-            conversation_id, body, request_id=request_id(request), transport="http")
+            conversation_id, body, request_id=request_id(request), transport="http",
+            owner=owner)
         if body.get("stream") is True or _accepts_events(request):
             return await self._ask_events(request, ask)
         answer = await self.service.ask(ask, _ignore)
@@ -233,9 +274,10 @@ class WebApp:
 
     @app.route("/conversations", methods=["GET"])
     async def list_conversations(self, request: IRequest) -> bytes:
+        owner = self._caller(request)
         limit = _query_int(request, b"limit", 20)
         offset = _query_int(request, b"offset", 0)
-        conversations = await self.service.list_conversations(limit, offset)
+        conversations = await self.service.list_conversations(limit, offset, owner)
         return self._json(request, {
             "conversations": [c.to_dict() for c in conversations],
             "limit": limit,
@@ -245,33 +287,37 @@ class WebApp:
 
     @app.route("/conversations/<string:conversation_id>", methods=["GET"])
     async def get_conversation(self, request: IRequest, conversation_id: str) -> bytes:
-        view = await self.service.get_conversation(conversation_id)
+        view = await self.service.get_conversation(conversation_id, self._caller(request))
         return self._json(request, view.to_dict())
 
     @app.route("/conversations/<string:conversation_id>", methods=["DELETE"])
     async def delete_conversation(self, request: IRequest, conversation_id: str) -> bytes:
-        await self.service.delete_conversation(conversation_id)
+        await self.service.delete_conversation(conversation_id, self._caller(request))
         return self._json(request, {"id": conversation_id, "deleted": True})
 
     @app.route("/conversations/<string:conversation_id>/rollback", methods=["POST"])
     async def rollback(self, request: IRequest, conversation_id: str) -> bytes:
+        owner = self._caller(request)
         turns = self._body(request, required=False).get("turns", 1)
-        view = await self.service.rollback(conversation_id, turns)
+        view = await self.service.rollback(conversation_id, turns, owner)
         return self._json(request, view.to_dict())
 
     # -- the OpenAI-compatible API -----------------------------------------
 
     def _openai_error(self, request: IRequest, error: EasyBackendError) -> bytes:
+        _error_headers(request, error)
         status = oa.openai_status(error, status_of(error))
         return self._json(request, oa.openai_error(error, status), status)
 
     @app.route("/v1/chat/completions", methods=["POST"])
     async def chat_completions(self, request: IRequest) -> bytes:
         try:
+            owner = self._caller(request, log_access=False)
             body = self._body(request)
             messages = oa.parse_messages(body)
             options = oa.parse_options(body)
-            common = {"request_id": request_id(request), "transport": "openai"}
+            common = {"request_id": request_id(request), "transport": "openai",
+                      "owner": owner}
             cid = oa.conversation_header(request)
             if cid is not None:
                 check_conversation_id(cid)
@@ -308,6 +354,10 @@ class WebApp:
 
     @app.route("/v1/models", methods=["GET"])
     async def models(self, request: IRequest) -> bytes:
+        try:
+            self._caller(request)
+        except EasyBackendError as e:
+            return self._openai_error(request, e)
         return self._json(request, oa.models_list(await self.service.models()))
 
     @app.route("/", methods=["GET"])
@@ -336,6 +386,14 @@ def request_id(request: IRequest) -> str:
     if given and len(given) <= 128 and given.isprintable():
         return given
     return uuid.uuid4().hex
+
+
+def _error_headers(request: IRequest, error: EasyBackendError) -> None:
+    """C{Retry-After} on 429, C{WWW-Authenticate} on 401."""
+    if isinstance(error, RateLimited):
+        request.setHeader("retry-after", str(max(1, math.ceil(error.retry_after))))
+    elif isinstance(error, Unauthenticated):
+        request.setHeader("www-authenticate", 'Bearer realm="easybackend"')
 
 
 def status_of(error: EasyBackendError) -> int:
