@@ -347,3 +347,102 @@ class RawClient(Protocol):
         waiting, self._waiting = self._waiting, []
         for d in waiting:
             d.callback(None)
+
+
+class KeysAndLimitsTests(TestCase):
+    """API keys, per-key isolation, limits and metrics over HTTP."""
+
+    async def setUp(self) -> None:
+        from twisted.internet.task import Clock
+
+        from easybackend.auth import KeyRing
+        from easybackend.limits import Limiter
+        from easybackend.observe import Observer
+
+        self.clock = Clock()
+        self.core = await make_core(
+            self, OfflineUpstream(_reactor(), interval=0),
+            limiter=Limiter(self.clock, asks_per_minute=3), observer=Observer())
+        self.url = await serve_http(
+            self, self.core, keys=KeyRing.parse(["alice:sk-alice", "bob:sk-bob"], "test"))
+
+    def auth(self, key: str) -> dict[str, list[str]]:
+        return {"Authorization": [f"Bearer {key}"]}
+
+    async def test_key_required(self) -> None:
+        """
+        When keys are configured, then a request without a key or with a
+        wrong one gets 401 with WWW-Authenticate, on every route but the
+        health checks and /metrics.
+        """
+        for method, path in [("POST", "/ask/new"), ("GET", "/conversations"),
+                             ("GET", "/conversations/x"), ("DELETE", "/conversations/x"),
+                             ("POST", "/conversations/x/rollback"),
+                             ("POST", "/v1/chat/completions"), ("GET", "/v1/models")]:
+            for headers in [None, self.auth("sk-wrong")]:
+                code, body, h = await call(method, self.url + path, {"prompt": "x"},
+                                           headers=headers)
+                self.assertEqual(code, 401, (method, path))
+                self.assertEqual(h.getRawHeaders("www-authenticate"),
+                                 ['Bearer realm="easybackend"'])
+        for path in ["/healthz", "/readyz", "/metrics"]:
+            self.assertEqual((await call("GET", self.url + path))[0], 200, path)
+
+    async def test_isolation(self) -> None:
+        """
+        When alice made a conversation, then for bob it does not exist:
+        404 on read, ask, rollback and delete, and his listing is empty.
+        """
+        code, answer, _ = await call("POST", self.url + "/ask/shared-id", {"prompt": "mine"},
+                                     headers=self.auth("sk-alice"))
+        self.assertEqual(code, 200)
+        bob = self.auth("sk-bob")
+        for method, path, body in [
+            ("GET", "/conversations/shared-id", None),
+            ("POST", "/ask/shared-id", {"prompt": "let me in"}),
+            ("POST", "/conversations/shared-id/rollback", {"turns": 1}),
+            ("DELETE", "/conversations/shared-id", None),
+        ]:
+            code, got, _ = await call(method, self.url + path, body, headers=bob)
+            self.assertEqual((code, got["error"]["code"]), (404, "not_found"), path)
+        _, listed, _ = await call("GET", self.url + "/conversations", headers=bob)
+        self.assertEqual(listed["conversations"], [])
+        _, view, _ = await call("GET", self.url + "/conversations/shared-id",
+                                headers=self.auth("sk-alice"))
+        self.assertEqual([m["content"] for m in view["messages"]][0], "mine")
+        self.assertEqual(len(view["messages"]), 2)
+
+    async def test_rate_limit(self) -> None:
+        """
+        When a key is over its asks per minute, then it gets 429 with
+        Retry-After, while another key still passes.
+        """
+        alice = self.auth("sk-alice")
+        for _ in range(3):
+            self.assertEqual((await call("POST", self.url + "/ask/new", {"prompt": "x"},
+                                         headers=alice))[0], 200)
+        code, body, headers = await call("POST", self.url + "/ask/new", {"prompt": "x"},
+                                         headers=alice)
+        self.assertEqual((code, body["error"]["code"]), (429, "rate_limited"))
+        self.assertEqual(headers.getRawHeaders("retry-after"), ["60"])
+        self.assertEqual((await call("POST", self.url + "/ask/new", {"prompt": "x"},
+                                     headers=self.auth("sk-bob")))[0], 200)
+        self.clock.advance(60)
+        self.assertEqual((await call("POST", self.url + "/ask/new", {"prompt": "x"},
+                                     headers=alice))[0], 200)
+
+    async def test_metrics(self) -> None:
+        """
+        When asks were answered, then /metrics shows them by transport and
+        status, with latency and time-to-first-piece histograms.
+        """
+        await call("POST", self.url + "/ask/new", {"prompt": "x"}, headers=self.auth("sk-bob"))
+        code, text, headers = await call("GET", self.url + "/metrics")
+        self.assertEqual(code, 200)
+        self.assertTrue(headers.getRawHeaders("content-type")[0].startswith("text/plain"))
+        text = text.decode() if isinstance(text, bytes) else str(text)
+        self.assertIn('easybackend_requests_total{kind="ask",status="ok",transport="http"} 1.0',
+                      text)
+        self.assertIn("easybackend_ask_first_piece_seconds_bucket", text)
+        self.assertIn("easybackend_asks_in_flight 0.0", text)
+        self.assertNotIn("sk-bob", text)
