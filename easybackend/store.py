@@ -422,7 +422,7 @@ class Lease:
     """
 
     conversation_id: str
-    _release: Callable[[], "Deferred[None]"] | None = None
+    _release: Callable[[], "Deferred[None]"] | None = field(default=None, repr=False)
 
     def release(self) -> "Deferred[None]":
         """Let the next turn on the conversation have the lock."""
@@ -440,6 +440,8 @@ class Lease:
 class _Attempt:
     """One wait for a lock: the connection it waits on, once it has one."""
 
+    #: fires with the connection holding the lock
+    result: "Deferred[Any]"
     connection: Any = None
     cancelled: bool = False
     #: fires once a cancel request for the wait has been sent
@@ -525,15 +527,18 @@ class _AdvisoryLocks:
         self._held.add(connection)
         return Lease(cid, lambda: self._release(connection, key))
 
-    def _acquire(self, cid: str, key: int, left: float, timeout: float) -> "Deferred[Any]":
-        attempt = _Attempt(self._idle.pop() if self._idle else None)
+    def _acquire(
+        self, cid: str, key: int, left: float, timeout: float
+    ) -> "Deferred[Any]":
+        attempt = _Attempt(Deferred(lambda _: self._interrupt(attempt)))
+        if self._idle:
+            attempt.connection = self._idle.pop()
         self._attempts.add(attempt)
-        result: Deferred[Any] = Deferred(lambda _: self._interrupt(attempt))
         work = deferToThreadPool(
             self._reactor, self._threads, self._wait, attempt, key, left
         )
-        work.addBoth(self._waited, attempt, result, cid, key, timeout)
-        return result
+        work.addBoth(self._waited, attempt, cid, key, timeout)
+        return attempt.result
 
     def _wait(self, attempt: _Attempt, key: int, seconds: float) -> None:
         """On a lock thread: take the lock, waiting at most C{seconds}."""
@@ -557,7 +562,9 @@ class _AdvisoryLocks:
         connection = attempt.connection
         # lock_timeout = 0 would mean "wait for ever"
         ms = max(1, math.ceil(seconds * 1000))
-        connection.execute("SELECT set_config('lock_timeout', %s, false)", (f"{ms}ms",))
+        connection.execute(
+            "SELECT set_config('lock_timeout', %s, false)", (f"{ms}ms",)
+        )
         connection.execute("SELECT pg_advisory_lock(%s::bigint)", (key,))
 
     def _interrupt(self, attempt: _Attempt) -> None:
@@ -573,7 +580,6 @@ class _AdvisoryLocks:
         self,
         outcome: object,
         attempt: _Attempt,
-        result: "Deferred[Any]",
         cid: str,
         key: int,
         timeout: float,
@@ -582,8 +588,8 @@ class _AdvisoryLocks:
         self._attempts.discard(attempt)
         connection = attempt.connection
         if attempt.cancelled or self._closed:
-            # The caller is gone (its Deferred failed with CancelledError).
-            # Once any cancel request has landed, give back what was taken.
+            # The caller is gone (its Deferred has failed already).  Once
+            # any cancel request has landed, give back what was taken.
             after = attempt.interrupted or succeed(None)
             if isinstance(outcome, Failure):
                 after.addBoth(lambda _: self._recycle(connection))
@@ -592,9 +598,9 @@ class _AdvisoryLocks:
             return
         if isinstance(outcome, Failure):
             self._recycle(connection)
-            result.errback(self._translate(outcome, cid, timeout))
+            attempt.result.errback(self._translate(outcome, cid, timeout))
         else:
-            result.callback(connection)
+            attempt.result.callback(connection)
 
     def _translate(self, failure: Failure, cid: str, timeout: float) -> Failure:
         import psycopg.errors
@@ -675,10 +681,11 @@ class _AdvisoryLocks:
         if self._closed:
             return
         self._closed = True
-        for attempt in self._attempts:
+        for attempt in list(self._attempts):
             attempt.cancelled = True
             if attempt.connection is not None:
                 _cancel_query(attempt.connection)
+            attempt.result.errback(StoreError("the store was closed"))
         self._threads.stop()
         for connection in [*self._idle, *self._held]:
             _close_quietly(connection)
@@ -884,7 +891,8 @@ class Store:
         Hold conversation C{cid}'s turn lock, across processes, until the
         L{Lease} is released.  Fails with L{LockTimeout} when it cannot be
         had within C{timeout} seconds, L{StoreUnavailable} when the
-        database is gone; cancelling the wait gives up the lock.
+        database is gone, L{StoreError} when the store is closed meanwhile;
+        cancelling the wait gives up the lock.
 
         On PostgreSQL this is a session-level advisory lock on a connection
         of its own, outside the query pool (see L{_AdvisoryLocks}).  On
@@ -904,11 +912,12 @@ class Store:
         )
 
     def _lost(self, failure: Failure) -> Failure:
+        """Turn the driver's errors for a lost database into L{StoreUnavailable}."""
         error = failure.value
         if isinstance(error, adbapi.ConnectionLost) or (
             isinstance(error, Exception) and self._dialect.unavailable(error)
         ):
-            return Failure(StoreUnavailable(f"the database is unavailable: {error}"))
+            raise StoreUnavailable(f"the database is unavailable: {error}") from error
         return failure
 
     # -- helpers run on the pool's thread ------------------------------------

@@ -60,8 +60,15 @@ class Options(usage.Options):
 
 
 def check_endpoints(settings: Settings) -> None:
-    """Raise L{ConfigError} for an endpoint string Twisted cannot parse."""
+    """Raise L{ConfigError} for a listener address that cannot be parsed."""
     from twisted.internet import reactor
+
+    from easybackend.transports.grpc_server import check_address
+
+    try:
+        check_address(settings.grpc)
+    except ValueError as e:
+        raise ConfigError(f"--grpc: {e}") from None
 
     for name in ("http", "websocket"):
         value = getattr(settings, name)
@@ -249,6 +256,9 @@ def build_listeners(settings: Settings, core: Any, reactor: Any) -> Listeners:
         workers=settings.grpc_workers,
         reactor=reactor,
         grace=settings.shutdown_grace,
+        max_message_size=settings.grpc_max_message,
+        server_credentials=grpc_credentials(settings),
+        keys=settings.keys,
     )
     # The WebSocket port starts the factory that /ws on the HTTP port shares.
     return Listeners(
@@ -259,6 +269,16 @@ def build_listeners(settings: Settings, core: Any, reactor: Any) -> Listeners:
         grpc=grpc,
         websocket=ws,
     )
+
+
+def grpc_credentials(settings: Settings) -> Any:
+    """TLS credentials for gRPC from C{--tls-cert}/C{--tls-key}, or None."""
+    if not settings.tls:
+        return None
+    import grpc
+
+    with open(settings.tls_key, "rb") as key, open(settings.tls_cert, "rb") as cert:  # type: ignore[arg-type]
+        return grpc.ssl_server_credentials([(key.read(), cert.read())])
 
 
 def tls_endpoint(description: str, settings: Settings) -> str:

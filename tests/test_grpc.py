@@ -29,6 +29,7 @@ from twisted.internet.defer import (
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from easybackend.observe import Observer
 from easybackend.errors import (
     BadRequest,
     EasyBackendError,
@@ -111,6 +112,7 @@ class FakeAsk:
 
 
 class FakeService:
+    observer = Observer()
     """The interface of L{easybackend.service.ConversationService}."""
 
     def __init__(self) -> None:
@@ -130,16 +132,16 @@ class FakeService:
         self.calls.append((name,) + args)
         return self.results[name](*args)
 
-    def list_conversations(self, limit: int = 20, offset: int = 0) -> Any:
+    def list_conversations(self, limit: int = 20, offset: int = 0, owner: Any = None) -> Any:
         return self._call("list_conversations", limit, offset)
 
-    def get_conversation(self, conversation_id: str) -> Any:
+    def get_conversation(self, conversation_id: str, owner: Any = None) -> Any:
         return self._call("get_conversation", conversation_id)
 
-    def delete_conversation(self, conversation_id: str) -> Any:
+    def delete_conversation(self, conversation_id: str, owner: Any = None) -> Any:
         return self._call("delete_conversation", conversation_id)
 
-    def rollback(self, conversation_id: str, turns: int) -> Any:
+    def rollback(self, conversation_id: str, turns: int, owner: Any = None) -> Any:
         return self._call("rollback", conversation_id, turns)
 
     def check_ready(self) -> Deferred:

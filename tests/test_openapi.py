@@ -83,20 +83,22 @@ class DocumentTests(SynchronousTestCase):
 
     def test_errors(self) -> None:
         """
-        When an operation is keyed, then it documents 401 and 429; every
-        operation documents at least one answer, and every 4xx or 5xx has a
-        body.
+        When an operation is keyed, then it documents 401; when it asks the
+        model, then 429 (the per-key limits) and the upstream's failures;
+        every 4xx or 5xx answer has a JSON body.
         """
         document = pages.openapi_document()
         resolved = document["components"]["responses"]
+        asking = {("/ask/{conversation_id}", "post"), ("/v1/chat/completions", "post")}
         for path, method in documented_routes(document):
             operation = document["paths"][path][method]
             answers = operation["responses"]
             self.assertTrue(answers, f"{method} {path}")
             if operation.get("security"):
                 self.assertIn("401", answers, f"{method} {path}")
-            if operation.get("security") and path != "/ws":
-                self.assertIn("429", answers, f"{method} {path}")
+            if (path, method) in asking:
+                for status in ["400", "413", "429", "502", "503", "504"]:
+                    self.assertIn(status, answers, f"{method} {path}")
             for status, answer in answers.items():
                 if "$ref" in answer:
                     answer = resolved[answer["$ref"].rsplit("/", 1)[1]]
@@ -210,3 +212,33 @@ class ServedTests(TestCase):
         await check("GET", "/readyz", "Status")
         await check("GET", f"/conversations/{cid}", "Error", status=404)
         await check("POST", "/ask/new", "Error", {"prompt": 3}, status=400)
+
+    async def test_security(self) -> None:
+        """
+        When the server has API keys, then each HTTP operation the document
+        marks as keyed answers 401 without a key, in its documented error
+        shape, and each one it marks as open does not.
+        """
+        from easybackend.auth import KeyRing
+
+        url = await serve_http(self, self.core, keys=KeyRing.parse(["t:sk-t"], "test"))
+        document = pages.openapi_document()
+        responses = document["components"]["responses"]
+        for path, method in sorted(documented_routes(document)):
+            if path == "/ws":  # a WebSocket handshake, not a plain request
+                continue
+            operation = document["paths"][path][method]
+            concrete = path.replace("{conversation_id}", "c1")
+            body = b'{"prompt": "hi", "model": "m", "messages": [{"role": "user", "content": "hi"}]}'
+            response = await within(treq.request(
+                method.upper(), url + concrete, persistent=False, allow_redirects=False,
+                data=body if method == "post" else None))
+            content = await within(treq.content(response))
+            if not operation["security"]:
+                self.assertNotEqual(response.code, 401, f"{method} {path}")
+                continue
+            self.assertEqual(response.code, 401, f"{method} {path}")
+            answer = operation["responses"]["401"]
+            answer = responses[answer["$ref"].rsplit("/", 1)[1]]
+            schema = answer["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
+            schema_validator(document, schema).validate(json.loads(content))

@@ -1082,6 +1082,21 @@ class ConversationLockTests(PostgresCase):
         self.assertEqual(await self.held_locks(), 1)
         await third.release()
 
+    async def test_close(self) -> None:
+        """
+        When a store closes, then its waits fail with L{StoreError} and the
+        locks it held are free for others.
+        """
+        one, two = await self.open(), await self.open()
+        await one.lock_conversation("c1", 10.0)
+        waiting = two.lock_conversation("c1", 30.0)
+        await eventually(lambda: self.waiting_is(1), "the second holder waits")
+        two.close()
+        await self.assertFailure(waiting, StoreError)
+        one.close()
+        three = await self.open()
+        await (await three.lock_conversation("c1", 5.0)).release()
+
     async def test_lock_pool_full(self) -> None:
         """
         When every lock connection is in use, then another wait fails with
@@ -1212,7 +1227,9 @@ class RecoveryTests(PostgresCase):
         await eventually(lambda: self.waiting_is(1), "the second holder waits")
         rows = await self.raw(
             "SELECT pg_terminate_backend(l.pid) FROM pg_locks AS l"
+            " JOIN pg_database AS d ON d.oid = l.database"
             " WHERE l.locktype = 'advisory' AND NOT l.granted"
+            " AND d.datname = current_database()"
         )
         self.assertEqual(rows, [(True,)])
         await self.assertFailure(second, StoreUnavailable)

@@ -21,7 +21,11 @@ from twisted.internet.defer import (
     gatherResults,
     inlineCallbacks,
 )
-from twisted.internet.endpoints import clientFromString, serverFromString
+from twisted.internet.endpoints import (
+    clientFromString,
+    serverFromString,
+    wrapClientTLS,
+)
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.server import Site
 
@@ -64,7 +68,8 @@ class FakeAsk:
     def answer(self, text: str = "", conversation_id: str | None = None) -> Answer:
         answer = Answer(
             conversation_id=conversation_id or self.request.conversation_id,
-            message_id="m-" + (self.request.request_id or "x"),
+            # the client's part of the request id (after the connection id)
+            message_id="m-" + (self.request.request_id or "x").rsplit(":", 1)[-1],
             text=text,
             model="fake-model",
             usage=Usage(3, 4, 7),
@@ -201,11 +206,21 @@ class WebSocketTestMixin:
         yield port.stopListening()
 
     @inlineCallbacks
-    def connect(self, port: int, path: str = "", client_class=Client):
-        factory = WebSocketClientFactory(f"ws://127.0.0.1:{port}{path}")
+    def connect(self, port: int, path: str = "", client_class=Client,
+                headers: dict[str, str] | None = None, tls: Any = None):
+        """
+        A client connected to C{port}; over TLS (C{wss://localhost}) with
+        C{tls}, client TLS options trusting the server's certificate.
+        """
+        scheme, host = ("wss", "localhost") if tls is not None else ("ws", "127.0.0.1")
+        factory = WebSocketClientFactory(
+            f"{scheme}://{host}:{port}{path}", headers=headers or {}
+        )
         factory.protocol = client_class
         factory.opened = Deferred()
         endpoint = clientFromString(reactor, f"tcp:127.0.0.1:{port}")
+        if tls is not None:
+            endpoint = wrapClientTLS(tls, endpoint)
         yield endpoint.connect(factory)
         client = yield timeout(factory.opened)
         self.clients.append(client)
@@ -238,7 +253,7 @@ class JSONProtocolTests(WebSocketTestMixin, TestCase):
         fake = yield self.service.next_ask()
         self.assertEqual(fake.request.conversation_id, "conv-1")
         self.assertEqual(fake.request.prompt, "Hello $ there")
-        self.assertEqual(fake.request.request_id, "a1")
+        self.assertEqual(fake.request.request_id, f"{self._server_connection_id()}:a1")
         fake.on_piece("Hel")
         fake.on_piece("lo ✓")
         fake.answer("Hello ✓")
@@ -264,6 +279,10 @@ class JSONProtocolTests(WebSocketTestMixin, TestCase):
         (protocol,) = self.server_factory.connections
         return protocol.in_flight
 
+    def _server_connection_id(self) -> str:
+        (protocol,) = self.server_factory.connections
+        return protocol.connection_id
+
     @inlineCallbacks
     def test_ask_options(self):
         """The optional fields reach the core, like over HTTP."""
@@ -278,7 +297,8 @@ class JSONProtocolTests(WebSocketTestMixin, TestCase):
             AskRequest(
                 conversation_id="new", prompt="p", system_prompt="be brief",
                 model="m1", temperature=0.5, max_tokens=10, parent_id="msg-3",
-                request_id="7", transport="websocket",
+                request_id=f"{self._server_connection_id()}:7",
+                transport="websocket",
             ),
         )
         fake.answer("x", conversation_id="c-new")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import queue
 import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Sequence
@@ -36,7 +37,9 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from easybackend.errors import EasyBackendError, UpstreamError
+from easybackend.auth import KeyRing
+from easybackend.errors import EasyBackendError, Unauthenticated, UpstreamError
+from easybackend.observe import AccessRecord
 from easybackend.model import (
     NEW,
     Answer,
@@ -159,7 +162,9 @@ def check_address(address: str) -> str:
 # --- protobuf <-> core values ---------------------------------------------
 
 
-def ask_request(message: chat_pb2.AskRequest, request_id: str | None = None) -> AskRequest:
+def ask_request(
+    message: chat_pb2.AskRequest, request_id: str | None = None, owner: str | None = None,
+) -> AskRequest:
     """
     The core's request for a gRPC one, validated as HTTP validates its JSON
     body; raise L{easybackend.errors.BadRequest}.  An empty
@@ -177,7 +182,7 @@ def ask_request(message: chat_pb2.AskRequest, request_id: str | None = None) -> 
         body["max_tokens"] = message.max_tokens
     return AskRequest.from_mapping(
         message.conversation_id or NEW, body, request_id=request_id,
-        transport=TRANSPORT,
+        transport=TRANSPORT, owner=owner,
     )
 
 
@@ -387,9 +392,10 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
     run on grpcio's threads.
     """
 
-    def __init__(self, service: Any, reactor: Any) -> None:
+    def __init__(self, service: Any, reactor: Any, keys: KeyRing = KeyRing()) -> None:
         self.service = service
         self.reactor = reactor
+        self.keys = keys
         self.tracker = _Tracker()
 
     # The RPCs
@@ -403,10 +409,10 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
         self, request: chat_pb2.ListConversationsRequest,
         context: grpc.ServicerContext,
     ) -> chat_pb2.ListConversationsResponse:
-        def list_conversations(request_id: str) -> Any:
+        def list_conversations(request_id: str, owner: str | None) -> Any:
             conversations = self._call(
                 context, self.service.list_conversations,
-                request.limit or 20, request.offset,
+                request.limit or 20, request.offset, owner,
             )
             return chat_pb2.ListConversationsResponse(
                 conversations=[conversation_message(c) for c in conversations]
@@ -417,9 +423,9 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
         self, request: chat_pb2.GetConversationRequest,
         context: grpc.ServicerContext,
     ) -> chat_pb2.ConversationView:
-        def get_conversation(request_id: str) -> Any:
+        def get_conversation(request_id: str, owner: str | None) -> Any:
             return view_message(self._call(
-                context, self.service.get_conversation, request.conversation_id
+                context, self.service.get_conversation, request.conversation_id, owner
             ))
         return self._unary("GetConversation", get_conversation, context)
 
@@ -427,10 +433,10 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
         self, request: chat_pb2.DeleteConversationRequest,
         context: grpc.ServicerContext,
     ) -> chat_pb2.DeleteConversationResponse:
-        def delete_conversation(request_id: str) -> Any:
+        def delete_conversation(request_id: str, owner: str | None) -> Any:
             self._call(
                 context, self.service.delete_conversation,
-                request.conversation_id,
+                request.conversation_id, owner,
             )
             return chat_pb2.DeleteConversationResponse()
         return self._unary("DeleteConversation", delete_conversation, context)
@@ -438,10 +444,10 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
     def Rollback(
         self, request: chat_pb2.RollbackRequest, context: grpc.ServicerContext
     ) -> chat_pb2.ConversationView:
-        def rollback(request_id: str) -> Any:
+        def rollback(request_id: str, owner: str | None) -> Any:
             turns = request.turns if request.HasField("turns") else 1
             return view_message(self._call(
-                context, self.service.rollback, request.conversation_id, turns
+                context, self.service.rollback, request.conversation_id, turns, owner
             ))
         return self._unary("Rollback", rollback, context)
 
@@ -449,9 +455,9 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
 
     def _ask(
         self, request: chat_pb2.AskRequest, context: grpc.ServicerContext,
-        request_id: str,
+        request_id: str, owner: str | None,
     ) -> Iterator[chat_pb2.AskResponse]:
-        ask = ask_request(request, request_id)
+        ask = ask_request(request, request_id, owner)
         call = _ReactorCall(self.reactor, context)
         call.start(self.service.ask, ask, call.put_piece)
         try:
@@ -489,16 +495,36 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
             value.raiseException()
         raise _ended(context)
 
+    def _caller(self, context: grpc.ServicerContext) -> str | None:
+        """The name of the caller's key from its C{authorization} metadata."""
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization":
+                return self.keys.name_of_header(value)
+        return self.keys.name_of_header(None)
+
+    def _access(self, name: str, code: grpc.StatusCode, started: float,
+                request_id: str, owner: str | None) -> None:
+        """One access line for a call the core does not log itself."""
+        record = AccessRecord(
+            transport=TRANSPORT, kind=name, status=code.name.lower(),
+            latency=time.monotonic() - started, request_id=request_id, key=owner)
+        self.reactor.callFromThread(self.service.observer.record, record)
+
     def _unary(
-        self, name: str, handler: Callable[[str], Any],
+        self, name: str, handler: Callable[[str, str | None], Any],
         context: grpc.ServicerContext,
     ) -> Any:
         request_id = _request_id(context)
+        started, owner = time.monotonic(), None
         with self.tracker:
             try:
-                return handler(request_id)
+                owner = self._caller(context)
+                result = handler(request_id, owner)
+                self._access(name, grpc.StatusCode.OK, started, request_id, owner)
+                return result
             except Exception as e:
                 abort = self._abort_for(e, name, request_id)
+        self._access(name, abort.code, started, request_id, owner)
         self._abort(context, abort)
 
     def _stream(
@@ -506,12 +532,20 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
         request: Any, context: grpc.ServicerContext,
     ) -> Iterator[Any]:
         request_id = _request_id(context)
+        started = time.monotonic()
         with self.tracker:
             try:
-                yield from handler(request, context, request_id)
-                return
-            except Exception as e:
+                owner = self._caller(context)
+            except Unauthenticated as e:
+                # Refused before the core saw it: log it here.
                 abort = self._abort_for(e, name, request_id)
+                self._access(name, abort.code, started, request_id, None)
+            else:
+                try:
+                    yield from handler(request, context, request_id, owner)
+                    return
+                except Exception as e:
+                    abort = self._abort_for(e, name, request_id)
         self._abort(context, abort)
 
     def _abort_for(self, error: Exception, method: str, request_id: str) -> _Abort:
@@ -593,7 +627,9 @@ class GrpcService(Service):
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         health_interval: float = 5.0,
         interceptors: Sequence[grpc.ServerInterceptor] = (),
+        keys: KeyRing = KeyRing(),
     ) -> None:
+        self.keys = keys
         if workers < 1:
             raise ValueError("workers must be at least 1")
         if reactor is None:
@@ -630,7 +666,7 @@ class GrpcService(Service):
                 ("grpc.so_reuseport", 0),
             ],
         )
-        servicer = ChatServicer(self.service, self.reactor)
+        servicer = ChatServicer(self.service, self.reactor, self.keys)
         chat_pb2_grpc.add_ChatServicer_to_server(servicer, server)
         health_servicer = health.HealthServicer()
         for name in (health.OVERALL_HEALTH, SERVICE_NAME):

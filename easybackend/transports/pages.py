@@ -550,7 +550,7 @@ def _paths() -> dict[str, Any]:
             ],
             "responses": {
                 "200": _json(_ref("ConversationList"), "a page of conversations"),
-                **_errors("BadRequest", "Unauthenticated", "RateLimited"),
+                **_errors("BadRequest", "Unauthenticated"),
             },
         }},
         "/conversations/{conversation_id}": {
@@ -562,7 +562,7 @@ def _paths() -> dict[str, Any]:
                 "security": _KEYED,
                 "responses": {
                     "200": _json(_ref("ConversationView"), "the conversation"),
-                    **_errors("BadRequest", "Unauthenticated", "NotFound", "RateLimited"),
+                    **_errors("BadRequest", "Unauthenticated", "NotFound"),
                 },
             },
             "delete": {
@@ -572,7 +572,7 @@ def _paths() -> dict[str, Any]:
                 "security": _KEYED,
                 "responses": {
                     "200": _json(_ref("Deleted"), "deleted"),
-                    **_errors("BadRequest", "Unauthenticated", "NotFound", "RateLimited"),
+                    **_errors("BadRequest", "Unauthenticated", "NotFound"),
                 },
             },
         },
@@ -589,8 +589,7 @@ def _paths() -> dict[str, Any]:
                                      "example": {"turns": 1}}}},
             "responses": {
                 "200": _json(_ref("ConversationView"), "the conversation after the rollback"),
-                **_errors("BadRequest", "Unauthenticated", "NotFound", "TooLarge",
-                          "RateLimited"),
+                **_errors("BadRequest", "Unauthenticated", "NotFound", "TooLarge"),
             },
         }},
         "/v1/chat/completions": {"post": {
@@ -628,8 +627,11 @@ def _paths() -> dict[str, Any]:
                 },
                 "400": {"$ref": "#/components/responses/OpenAIBadRequest"},
                 "401": {"$ref": "#/components/responses/OpenAIUnauthenticated"},
-                "404": _json(_ref("OpenAIError"), "unknown conversation"),
+                "404": _json(_ref("OpenAIError"), "unknown conversation, or the "
+                             "upstream's 404 (an unknown model)"),
+                "409": _json(_ref("OpenAIError"), "the upstream's 409, passed through"),
                 "413": _json(_ref("OpenAIError"), "body or prompt too large"),
+                "422": _json(_ref("OpenAIError"), "the upstream's 422, passed through"),
                 "429": {"$ref": "#/components/responses/OpenAIRateLimited"},
                 "502": {"$ref": "#/components/responses/OpenAIUpstreamFailed"},
                 "503": {"$ref": "#/components/responses/OpenAINoUpstream"},
@@ -645,7 +647,6 @@ def _paths() -> dict[str, Any]:
             "responses": {
                 "200": _json(_ref("ModelList"), "the models"),
                 "401": {"$ref": "#/components/responses/OpenAIUnauthenticated"},
-                "429": {"$ref": "#/components/responses/OpenAIRateLimited"},
                 "502": {"$ref": "#/components/responses/OpenAIUpstreamFailed"},
                 "503": {"$ref": "#/components/responses/OpenAINoUpstream"},
                 "504": {"$ref": "#/components/responses/OpenAIUpstreamTimeout"},

@@ -34,11 +34,21 @@ Two wire protocols share the socket:
 
 A text message is JSON when its first non-blank character is C{{} or C{[}, or
 when it parses as JSON; anything else is the text protocol.
+
+With API keys configured, a client shows its key in the handshake: the
+C{Authorization: Bearer <key>} header, or C{?api_key=<key>} on the URL (a
+browser cannot set headers on a WebSocket).  A missing or wrong key gets
+the handshake accepted and the connection closed at once with code 4401 and
+the reason (L{CLOSE_UNAUTHENTICATED}): a browser sees both in its
+C{CloseEvent}, where a refused handshake would only show 1006.  The key's
+name owns every ask of the connection; the key itself is never logged.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import secrets
 from typing import Any, Callable, Iterable
 
 from autobahn.twisted.resource import WebSocketResource
@@ -47,6 +57,7 @@ from autobahn.twisted.websocket import (
     WebSocketServerProtocol,
 )
 from autobahn.websocket.protocol import WebSocketProtocol
+from autobahn.websocket.types import ConnectionRequest
 from twisted.application.service import Service
 from twisted.internet.defer import (
     CancelledError,
@@ -59,8 +70,10 @@ from twisted.internet.defer import (
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from easybackend.errors import BadRequest, EasyBackendError
+from easybackend.auth import KeyRing
+from easybackend.errors import BadRequest, EasyBackendError, RateLimited, Unauthenticated
 from easybackend.model import Answer, AskRequest
+from easybackend.observe import AccessRecord
 
 __all__ = [
     "ChatServerProtocol",
@@ -72,6 +85,7 @@ __all__ = [
     "TEXT_END",
     "TEXT_ERR",
     "TEXT_USAGE",
+    "CLOSE_UNAUTHENTICATED",
 ]
 
 # Not "log" as a class attribute: Autobahn's protocol classes keep their own
@@ -90,6 +104,13 @@ TEXT_USAGE = (
 
 #: The close code sent to every client when the factory stops.
 CLOSE_GOING_AWAY = WebSocketProtocol.CLOSE_STATUS_CODE_GOING_AWAY
+#: The close code for a missing or wrong API key (HTTP's 401, in the
+#: application range 4000-4999).
+CLOSE_UNAUTHENTICATED = 4401
+#: The reason sent with L{CLOSE_UNAUTHENTICATED} when no key was shown.
+KEY_REQUIRED = (
+    "an API key is required: send Authorization: Bearer <key> or ?api_key=<key>"
+)
 
 
 class _Ask:
@@ -111,6 +132,13 @@ def _valid_id(value: object) -> bool:
     return isinstance(value, str) and bool(value)
 
 
+def _retry_after(error: EasyBackendError) -> int | None:
+    """Whole seconds to wait before retrying, as HTTP's C{Retry-After}."""
+    if isinstance(error, RateLimited):
+        return max(1, math.ceil(error.retry_after))
+    return None
+
+
 def _error_id(message: object) -> object:
     """The id to echo in an error about C{message}, when it has a usable one."""
     if isinstance(message, dict):
@@ -126,11 +154,20 @@ class ChatServerProtocol(WebSocketServerProtocol):
 
     @ivar in_flight: the asks running on this connection, by key: the
         client's id for JSON asks, C{("text", n)} for text asks.
+    @ivar connection_id: this connection's id; each ask's request id (in
+        the access log) is C{<connection_id>:<client id>}.
+    @ivar owner: the name of the connection's API key (None when keys are
+        off); the owner of its asks.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.in_flight: dict[object, _Ask] = {}
+        self.connection_id = "ws_" + secrets.token_hex(6)
+        self.owner: str | None = None
+        #: why the connection is refused (sent as the close reason), if it is
+        self._refusal: str | None = None
+        self._connected_at = 0.0
         self._text_lock = DeferredLock()
         self._text_count = 0
         #: Deferreds of L{when_closed}; None once closed
@@ -138,13 +175,58 @@ class ChatServerProtocol(WebSocketServerProtocol):
 
     # --- Autobahn's callbacks: nothing raises out of them -----------------
 
+    def onConnect(self, request: ConnectionRequest) -> None:
+        """Learn who connects; a refusal waits for L{onOpen}, to be heard."""
+        self._connected_at = self.factory.reactor.seconds()
+        try:
+            self.owner = self._key_name(request)
+        except Unauthenticated as e:
+            self._refusal = e.message
+        except Exception:
+            log.failure("unexpected failure checking a WebSocket API key")
+            self._refusal = "internal error"
+
+    def _key_name(self, request: ConnectionRequest) -> str | None:
+        """
+        The name of the key in the handshake's header, else in its
+        C{api_key} query parameter; None when keys are off.
+
+        @raise Unauthenticated: keys are on and the key is missing or wrong.
+        """
+        keys: KeyRing = self.factory.keys
+        if not keys.enabled:
+            return None
+        header = request.headers.get("authorization")
+        if header is not None:
+            return keys.name_of_header(header)
+        given = request.params.get("api_key") or [""]
+        if not given[0]:
+            raise Unauthenticated(KEY_REQUIRED)
+        return keys.name_of(given[0])
+
     def onOpen(self) -> None:
         try:
+            if self._refusal is not None:
+                self._refuse(self._refusal)
+                return
             self.factory.connections.add(self)
         except Exception:
             log.failure("unexpected failure opening a WebSocket connection")
 
+    def _refuse(self, reason: str) -> None:
+        """Close with L{CLOSE_UNAUTHENTICATED} and C{reason}; log the refusal."""
+        self.sendClose(CLOSE_UNAUTHENTICATED, reason)
+        observer = getattr(self.factory.service, "observer", None)
+        if observer is not None:
+            observer.record(AccessRecord(
+                transport="websocket", kind="connect", status="unauthenticated",
+                latency=self.factory.reactor.seconds() - self._connected_at,
+                request_id=self.connection_id,
+            ))
+
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if self._refusal is not None:
+            return  # closing: nothing from this client is acted on
         reply_internal: Callable[[], None] = self._internal_json
         try:
             if isBinary:
@@ -250,8 +332,9 @@ class ChatServerProtocol(WebSocketServerProtocol):
                     '(an id, or "new")'
                 )
             request = AskRequest.from_mapping(
-                conversation_id, message, request_id=str(ask_id),
-                transport="websocket",
+                conversation_id, message,
+                request_id=f"{self.connection_id}:{ask_id}",
+                owner=self.owner, transport="websocket",
             )
         except EasyBackendError as e:
             self._send_error(ask_id, e.code, e.message)
@@ -274,7 +357,8 @@ class ChatServerProtocol(WebSocketServerProtocol):
                 self._send_json({"type": "cancelled", "id": ask_id})
             elif failure.check(EasyBackendError):
                 error = failure.value
-                self._send_error(ask_id, error.code, error.message)
+                self._send_error(ask_id, error.code, error.message,
+                                 retry_after=_retry_after(error))
             else:
                 log.failure(
                     "unexpected failure answering WebSocket ask {ask_id!r}",
@@ -310,8 +394,8 @@ class ChatServerProtocol(WebSocketServerProtocol):
         try:
             request = AskRequest.from_mapping(
                 conversation_id, {"prompt": prompt},
-                request_id=f"text-{self._text_count}",
-                transport="websocket",
+                request_id=f"{self.connection_id}:text-{self._text_count}",
+                owner=self.owner, transport="websocket",
             )
         except EasyBackendError as e:
             self._send_text(f"{TEXT_ERR}${e.message}")
@@ -329,7 +413,10 @@ class ChatServerProtocol(WebSocketServerProtocol):
             if failure.check(CancelledError):
                 self._send_text(f"{TEXT_ERR}$cancelled")
             elif failure.check(EasyBackendError):
-                self._send_text(f"{TEXT_ERR}${failure.value.message}")
+                error = failure.value
+                retry_after = _retry_after(error)
+                hint = "" if retry_after is None else f"; retry after {retry_after}s"
+                self._send_text(f"{TEXT_ERR}${error.message}{hint}")
             else:
                 log.failure(
                     "unexpected failure answering a WebSocket text ask",
@@ -428,10 +515,16 @@ class ChatServerProtocol(WebSocketServerProtocol):
             except Exception:
                 log.failure("could not send a WebSocket message")
 
-    def _send_error(self, ask_id: object, code: str, message: str) -> None:
-        self._send_json(
-            {"type": "error", "id": ask_id, "code": code, "message": message}
-        )
+    def _send_error(
+        self, ask_id: object, code: str, message: str,
+        retry_after: int | None = None,
+    ) -> None:
+        reply: dict[str, Any] = {
+            "type": "error", "id": ask_id, "code": code, "message": message,
+        }
+        if retry_after is not None:
+            reply["retry_after"] = retry_after
+        self._send_json(reply)
 
     def _internal_json(self) -> None:
         self._send_error(None, "internal", "internal error")
@@ -450,14 +543,18 @@ class ChatServerFactory(WebSocketServerFactory):
     L{make_websocket_factory}.
 
     @ivar service: the L{easybackend.service.ConversationService}.
+    @ivar keys: the API keys clients must show; empty for an open server.
     @ivar connections: the open connections.
     """
 
     protocol = ChatServerProtocol
 
-    def __init__(self, service: Any, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self, service: Any, *args: Any, keys: KeyRing = KeyRing(), **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.service = service
+        self.keys = keys
         self.connections: set[ChatServerProtocol] = set()
 
     def close_all(
@@ -500,6 +597,7 @@ def make_websocket_factory(
     auto_ping_timeout: float = 10.0,
     allowed_origins: Iterable[str] | None = None,
     reactor: Any = None,
+    keys: KeyRing = KeyRing(),
 ) -> ChatServerFactory:
     """
     The WebSocket factory, for a listening endpoint and for L{websocket_resource}
@@ -522,6 +620,8 @@ def make_websocket_factory(
     @param allowed_origins: the browser origins allowed to connect, as
         patterns (C{"*"}, C{"https://*.example.com"}); default all.
     @param reactor: the reactor; default the global one.
+    @param keys: the API keys a client must show (header or C{?api_key=});
+        empty, the default, lets everyone in.
     """
     if max_message_size < 0:
         raise ValueError("max_message_size must be >= 0")
@@ -531,7 +631,7 @@ def make_websocket_factory(
             raise ValueError(
                 f"{name} must be 0 (off) or at least 1 second, not {value!r}"
             )
-    factory = ChatServerFactory(service, url, reactor=reactor)
+    factory = ChatServerFactory(service, url, reactor=reactor, keys=keys)
     factory.setProtocolOptions(
         maxMessagePayloadSize=max_message_size,
         maxFramePayloadSize=max_message_size,
