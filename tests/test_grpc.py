@@ -1260,3 +1260,104 @@ class TLSTests(TestCase):
             grpc.RpcError,
         )
         self.assertEqual(e.code(), grpc.StatusCode.UNAVAILABLE)
+
+
+class KeysTests(TestCase):
+    """API keys, per-key isolation and limits over gRPC."""
+
+    timeout = 60
+
+    @inlineCallbacks
+    def setUp(self):
+        from twisted.internet.task import Clock
+
+        from easybackend.auth import KeyRing
+        from easybackend.limits import Limiter
+        from easybackend.offline import OfflineUpstream
+        from easybackend.testing.fixtures import make_core
+
+        self.events: list = []
+        from twisted.logger import globalLogPublisher
+
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.clock = Clock()
+        self.core = yield Deferred.fromCoroutine(make_core(
+            self, OfflineUpstream(reactor, interval=0.001),
+            limiter=Limiter(self.clock, asks_per_minute=2)))
+        self.grpc = GrpcService(
+            self.core, "127.0.0.1:0", workers=4, grace=0.5, health_interval=3600,
+            keys=KeyRing.parse(["alice:sk-alice", "bob:sk-bob"], "test"))
+        self.grpc.startService()
+        self.addCleanup(lambda: within(self.grpc.stopService(), 30))
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.grpc.port}")
+        self.addCleanup(self.channel.close)
+        self.stub = chat_pb2_grpc.ChatStub(self.channel)
+
+    def ask(self, key: str | None, **fields: Any) -> Stream:
+        metadata = [("authorization", f"Bearer {key}")] if key else None
+        return Stream(self.stub.Ask(chat_pb2.AskRequest(**fields), timeout=DEADLINE,
+                                    metadata=metadata))
+
+    def unary(self, key: str | None, method: str, request: Any) -> Deferred:
+        metadata = [("authorization", f"Bearer {key}")] if key else None
+        return within(deferToThread(getattr(self.stub, method), request,
+                                    timeout=DEADLINE, metadata=metadata))
+
+    @inlineCallbacks
+    def test_key_required(self):
+        """
+        When keys are configured, then a call without a key or with a wrong
+        one gets UNAUTHENTICATED, streaming or unary, and the refusal is
+        logged without the key.
+        """
+        for key in [None, "sk-wrong"]:
+            _, error = yield self.ask(key, prompt="x").rest()
+            self.assertEqual(error.code(), grpc.StatusCode.UNAUTHENTICATED)
+            with self.assertRaises(grpc.RpcError) as e:
+                yield self.unary(key, "ListConversations", chat_pb2.ListConversationsRequest())
+            self.assertEqual(e.exception.code(), grpc.StatusCode.UNAUTHENTICATED)
+        self.assertNotIn("sk-wrong", repr(self.events))
+
+    @inlineCallbacks
+    def test_isolation(self):
+        """
+        When alice made a conversation, then for bob it is NOT_FOUND on
+        ask, get, rollback and delete, and his listing is empty.
+        """
+        messages, error = yield self.ask("sk-alice", prompt="mine",
+                                         conversation_id="g-shared").rest()
+        self.assertIsNone(error)
+        _, error = yield self.ask("sk-bob", prompt="x", conversation_id="g-shared").rest()
+        self.assertEqual(error.code(), grpc.StatusCode.NOT_FOUND)
+        for method, request in [
+            ("GetConversation", chat_pb2.GetConversationRequest(conversation_id="g-shared")),
+            ("Rollback", chat_pb2.RollbackRequest(conversation_id="g-shared", turns=1)),
+            ("DeleteConversation", chat_pb2.DeleteConversationRequest(conversation_id="g-shared")),
+        ]:
+            with self.assertRaises(grpc.RpcError) as e:
+                yield self.unary("sk-bob", method, request)
+            self.assertEqual(e.exception.code(), grpc.StatusCode.NOT_FOUND, method)
+        listed = yield self.unary("sk-bob", "ListConversations",
+                                  chat_pb2.ListConversationsRequest())
+        self.assertEqual(list(listed.conversations), [])
+        view = yield self.unary("sk-alice", "GetConversation",
+                                chat_pb2.GetConversationRequest(conversation_id="g-shared"))
+        self.assertEqual(len(view.messages), 2)
+
+    @inlineCallbacks
+    def test_rate_limited(self):
+        """
+        When a key is over its asks per minute, then its next ask gets
+        RESOURCE_EXHAUSTED with a retry-after in the trailing metadata.
+        """
+        for _ in range(2):
+            _, error = yield self.ask("sk-alice", prompt="x").rest()
+            self.assertIsNone(error)
+        _, error = yield self.ask("sk-alice", prompt="x").rest()
+        self.assertEqual(error.code(), grpc.StatusCode.RESOURCE_EXHAUSTED)
+        trailing = dict(error.trailing_metadata() or ())
+        self.assertEqual(trailing.get("error-code"), "rate_limited")
+        self.assertIn("retry-after", trailing)
+        _, error = yield self.ask("sk-bob", prompt="x").rest()
+        self.assertIsNone(error)
