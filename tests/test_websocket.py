@@ -26,12 +26,16 @@ from twisted.internet.endpoints import (
     serverFromString,
     wrapClientTLS,
 )
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.server import Site
 
-from easybackend.errors import NotFound, UpstreamTimeout
+from easybackend.auth import KeyRing
+from easybackend.errors import NotFound, RateLimited, UpstreamTimeout
 from easybackend.model import Answer, AskRequest, Usage
 from easybackend.transports.websocket import (
+    CLOSE_UNAUTHENTICATED,
+    KEY_REQUIRED,
     TEXT_END,
     TEXT_USAGE,
     ChatServerFactory,
@@ -183,10 +187,9 @@ class WebSocketTestMixin:
         self.clients: list[Client] = []
 
     @inlineCallbacks
-    def listen(self, factory_or_site: Any):
-        port = yield serverFromString(
-            reactor, "tcp:0:interface=127.0.0.1"
-        ).listen(factory_or_site)
+    def listen(self, factory_or_site: Any,
+               description: str = "tcp:0:interface=127.0.0.1"):
+        port = yield serverFromString(reactor, description).listen(factory_or_site)
         self.port = port
         self.addCleanup(self._stop, port)
         return port.getHost().port
@@ -1228,3 +1231,402 @@ class SendFailureTests(WebSocketTestMixin, TestCase):
              "message": "internal error"},
         )
         self.assertEqual(len(self.flushLoggedErrors(AttributeError)), 1)
+
+
+# --- API keys, limits, TLS and logs (issue 5) ----------------------------------
+
+#: Two clients' keys; the key strings must never reach a log.
+KEYS = KeyRing.parse(
+    ["alice:sk-alice-0123456789", "bob:sk-bob-9876543210"], "test keys"
+)
+ALICE = {"Authorization": "Bearer sk-alice-0123456789"}
+BOB = {"Authorization": "Bearer sk-bob-9876543210"}
+
+
+class EagerClient(Client):
+    """Sends an ask the moment it is open, before any close can arrive."""
+
+    def onOpen(self) -> None:
+        self.send_json(ask("eager", "new", "sent at once"))
+        self.send_text("<|ask|>$eager$sent at once")
+        super().onOpen()
+
+
+@inlineCallbacks
+def collect(testcase: TestCase, client: Client, ask_id: Any):
+    """The deltas' text and the final message of C{ask_id}."""
+    text = []
+    while True:
+        message = yield client.next()
+        testcase.assertEqual(message["id"], ask_id, message)
+        if message["type"] != "delta":
+            return "".join(text), message
+        text.append(message["text"])
+
+
+class KeyTests(WebSocketTestMixin, TestCase):
+    """With keys configured, the handshake must show one."""
+
+    @inlineCallbacks
+    def keyed(self, path: str = "", headers: dict[str, str] | None = None,
+              client_class: Any = Client, **options: Any):
+        self.service = FakeService()
+        self.start_server(self.service, keys=KEYS, **options)
+        port = yield self.listen(self.server_factory)
+        client = yield self.connect(port, path, client_class, headers=headers)
+        return client
+
+    @inlineCallbacks
+    def check_refused(self, reason: str, path: str = "",
+                      headers: dict[str, str] | None = None):
+        client = yield self.keyed(path, headers, client_class=EagerClient)
+        was_clean, code, got_reason = yield timeout(client.closed)
+        self.assertEqual((code, got_reason), (CLOSE_UNAUTHENTICATED, reason))
+        self.assertTrue(was_clean)
+        self.assertEqual(self.service.all, [])
+        self.assertEqual(self.server_factory.connections, set())
+
+    def test_no_key_refused(self):
+        """
+        When a client shows no key, then its connection closes with 4401
+        and a reason naming both ways to send one, and its asks (sent at
+        once) never reach the core.
+        """
+        return self.check_refused(KEY_REQUIRED)
+
+    def test_wrong_header_key_refused(self):
+        """When the header's key is wrong, then the connection closes with 4401."""
+        return self.check_refused(
+            "the API key is not valid",
+            headers={"Authorization": "Bearer sk-alice-0123456789x"},
+        )
+
+    def test_wrong_query_key_refused(self):
+        """When C{?api_key=} is wrong, then the connection closes with 4401."""
+        return self.check_refused("the API key is not valid", "/?api_key=nope")
+
+    def test_empty_query_key_refused(self):
+        """When C{?api_key=} is empty, then it counts as no key."""
+        return self.check_refused(KEY_REQUIRED, "/?api_key=")
+
+    def test_not_bearer_refused(self):
+        """When the header is not C{Bearer}, then the connection closes with 4401."""
+        return self.check_refused(
+            "an API key is required: send Authorization: Bearer <key>",
+            headers={"Authorization": "Basic sk-alice-0123456789"},
+        )
+
+    def test_header_wins_over_query(self):
+        """When both are sent, then the header decides (a wrong one refuses)."""
+        return self.check_refused(
+            "the API key is not valid", "/?api_key=sk-bob-9876543210",
+            headers={"Authorization": "Bearer wrong"},
+        )
+
+    @inlineCallbacks
+    def test_header_key(self):
+        """
+        When the header carries a known key, then every ask (JSON and text)
+        is owned by the key's name and labelled C{websocket}.
+        """
+        client = yield self.keyed(headers=ALICE)
+        client.send_json(ask("a"))
+        fake = yield self.service.next_ask()
+        self.assertEqual((fake.request.owner, fake.request.transport),
+                         ("alice", "websocket"))
+        client.send_text("<|ask|>$notes$hello")
+        fake = yield self.service.next_ask()
+        self.assertEqual((fake.request.owner, fake.request.transport),
+                         ("alice", "websocket"))
+
+    @inlineCallbacks
+    def test_query_key(self):
+        """When C{?api_key=} carries a known key, then its name owns the asks."""
+        client = yield self.keyed("/?api_key=sk-bob-9876543210")
+        client.send_json(ask("b"))
+        fake = yield self.service.next_ask()
+        self.assertEqual(fake.request.owner, "bob")
+        client.send_text("<|ask|>$notes$hello")
+        fake = yield self.service.next_ask()
+        self.assertEqual(fake.request.owner, "bob")
+
+    @inlineCallbacks
+    def test_open_without_keys(self):
+        """When no keys are configured, then anyone connects and asks unowned."""
+        client = yield self.server_and_client()
+        client.send_json(ask("o"))
+        fake = yield self.service.next_ask()
+        self.assertIsNone(fake.request.owner)
+
+    @inlineCallbacks
+    def test_request_ids_unique_per_connection(self):
+        """
+        When two connections use the same client id, then the core sees two
+        request ids, each the connection's id and the client's.
+        """
+        first = yield self.keyed(headers=ALICE)
+        second = yield self.connect(self.port.getHost().port, headers=ALICE)
+        first.send_json(ask("same"))
+        a = yield self.service.next_ask()
+        second.send_json(ask("same"))
+        b = yield self.service.next_ask()
+        second.send_text("<|ask|>$notes$hello")
+        c = yield self.service.next_ask()
+        ids = {p.connection_id for p in self.server_factory.connections}
+        self.assertEqual(len(ids), 2)
+        self.assertNotEqual(a.request.request_id, b.request.request_id)
+        for fake, suffix in [(a, ":same"), (b, ":same"), (c, ":text-1")]:
+            connection_id, _, rest = fake.request.request_id.partition(":")
+            self.assertIn(connection_id, ids)
+            self.assertEqual(":" + rest, suffix)
+
+    @inlineCallbacks
+    def test_rate_limited(self):
+        """
+        When the core refuses an ask as over its key's limit, then a JSON
+        client gets C{rate_limited} with C{retry_after} in whole seconds,
+        and a text client the message and the wait.
+        """
+        client = yield self.keyed(headers=ALICE)
+        client.send_json(ask("r"))
+        fake = yield self.service.next_ask()
+        fake.deferred.errback(RateLimited("too many asks (limit 1 a minute)", 59.2))
+        self.assertEqual(
+            (yield client.next()),
+            {"type": "error", "id": "r", "code": "rate_limited",
+             "message": "too many asks (limit 1 a minute)", "retry_after": 60},
+        )
+        client.send_text("<|ask|>$notes$hello")
+        fake = yield self.service.next_ask()
+        fake.deferred.errback(RateLimited("too many streams open at once", 0.2))
+        self.assertEqual(
+            (yield client.next()),
+            "<|err|>$too many streams open at once; retry after 1s",
+        )
+
+    @inlineCallbacks
+    def test_message_size_limit_with_keys(self):
+        """When a keyed client sends a message over the limit, then it is closed with 1009."""
+        client = yield self.keyed(headers=ALICE, max_message_size=100)
+        client.send_json(ask("big", "new", "x" * 200))
+        _, code, _ = yield timeout(client.closed)
+        self.assertEqual(code, 1009)
+        self.assertEqual(self.service.all, [])
+
+
+class KeyEndToEndTests(WebSocketTestMixin, TestCase):
+    """Keys, isolation, limits and the access log over the real core."""
+
+    @inlineCallbacks
+    def serve(self, upstream: Any = None, **services: Any):
+        from easybackend.offline import OfflineUpstream
+        from easybackend.testing.fixtures import make_core
+
+        if upstream is None:
+            upstream = OfflineUpstream(reactor, interval=0.001)
+        self.core = yield Deferred.fromCoroutine(
+            make_core(self, upstream, **services)
+        )
+        self.start_server(self.core, keys=KEYS)
+        port = yield self.listen(self.server_factory)
+        return port
+
+    @inlineCallbacks
+    def text_answer(self, client: Client):
+        """The text protocol's pieces until C{<|end|>}, or its C{<|err|>}."""
+        pieces = []
+        while True:
+            piece = yield client.next()
+            if piece == TEXT_END or piece.startswith("<|err|>$"):
+                return "".join(pieces), piece
+            pieces.append(piece)
+
+    @inlineCallbacks
+    def test_other_key_sees_not_found(self):
+        """
+        When key A made a conversation, then key B's asks on its id (JSON
+        and text) get C{not_found}, and A's history is untouched.
+        """
+        port = yield self.serve()
+        alice = yield self.connect(port, headers=ALICE)
+        bob = yield self.connect(port, "/?api_key=sk-bob-9876543210")
+        alice.send_json(ask("1", "new", "Hello"))
+        first, done = yield collect(self, alice, "1")
+        self.assertEqual(done["type"], "done", done)
+        cid = done["conversation_id"]
+        bob.send_json(ask("2", cid, "let me in"))
+        _, error = yield collect(self, bob, "2")
+        self.assertEqual((error["type"], error["code"]), ("error", "not_found"))
+        self.assertIn(cid, error["message"])
+        bob.send_text(f"<|ask|>${cid}$let me in")
+        _, end = yield self.text_answer(bob)
+        self.assertTrue(end.startswith("<|err|>$"), end)
+        self.assertIn(cid, end)
+        view = yield self.core.get_conversation(cid, owner="alice")
+        self.assertEqual(
+            [(m.role, m.content) for m in view.messages],
+            [("user", "Hello"), ("assistant", first)],
+        )
+        yield self.assertFailure(
+            self.core.get_conversation(cid, owner="bob"), NotFound
+        )
+        # Alice goes on where she was.
+        alice.send_json(ask("3", cid, "Again"))
+        second, _ = yield collect(self, alice, "3")
+        self.assertIn("I see 1 earlier turn", second)
+
+    @inlineCallbacks
+    def test_rate_limit(self):
+        """
+        When a key is over its asks per minute, then its asks get
+        C{rate_limited} with C{retry_after} (JSON) or the wait (text),
+        nothing is stored, and other keys go on.
+        """
+        from twisted.internet.task import Clock
+
+        from easybackend.limits import Limiter
+
+        port = yield self.serve(limiter=Limiter(Clock(), asks_per_minute=1))
+        alice = yield self.connect(port, headers=ALICE)
+        alice.send_json(ask("1", "limited", "first"))
+        _, done = yield collect(self, alice, "1")
+        self.assertEqual(done["type"], "done", done)
+        alice.send_json(ask("2", "limited", "second"))
+        _, error = yield collect(self, alice, "2")
+        self.assertEqual(
+            {k: error[k] for k in ("type", "code", "retry_after")},
+            {"type": "error", "code": "rate_limited", "retry_after": 60},
+        )
+        alice.send_text("<|ask|>$limited$third")
+        _, end = yield self.text_answer(alice)
+        self.assertEqual(end, "<|err|>$too many asks (limit 1 a minute); retry after 60s")
+        view = yield self.core.get_conversation("limited", owner="alice")
+        self.assertEqual(len(view.messages), 2)
+        bob = yield self.connect(port, headers=BOB)
+        bob.send_json(ask("1", "new", "mine"))
+        _, done = yield collect(self, bob, "1")
+        self.assertEqual(done["type"], "done", done)
+
+    @inlineCallbacks
+    def test_access_log_without_secrets(self):
+        """
+        When keyed clients ask (JSON and text) and one is refused, then the
+        access log has a C{websocket} line per ask with the key's name and
+        the connection's request id, and one for the refusal; no event
+        carries a client key, the upstream's key or a prompt.
+        """
+        from easybackend.testing.fake_upstream import FakeUpstream
+        from easybackend.upstream import OpenAIUpstream
+
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        fake = FakeUpstream(reactor, api_key="sk-upstream-secret-42")
+        yield fake.listen(0)
+        self.addCleanup(fake.stop)
+        upstream = OpenAIUpstream(reactor, base_url=fake.base_url,
+                                  api_key="sk-upstream-secret-42", max_retries=0)
+        self.addCleanup(upstream.close)
+        port = yield self.serve(upstream)
+
+        alice = yield self.connect(port, headers=ALICE)
+        alice.send_json(ask("j", "logged-1", "PROMPT-json-plan"))
+        _, done = yield collect(self, alice, "j")
+        self.assertEqual(done["type"], "done", done)
+        bob = yield self.connect(port, "/?api_key=sk-bob-9876543210")
+        bob.send_text("<|ask|>$logged-2$PROMPT-text-plan")
+        _, end = yield self.text_answer(bob)
+        self.assertEqual(end, TEXT_END)
+        refused = yield self.connect(port, "/?api_key=sk-wrong-secret-7")
+        yield timeout(refused.closed)
+
+        access = [e["access"] for e in events if isinstance(e.get("access"), dict)]
+        ws = {p.owner: p.connection_id for p in self.server_factory.connections}
+        asks = [a for a in access if a["kind"] == "ask"]
+        self.assertEqual(
+            sorted((a["transport"], a["key"], a["request_id"], a["status"],
+                    a["conversation_id"]) for a in asks),
+            [("websocket", "alice", f"{ws['alice']}:j", "ok", "logged-1"),
+             ("websocket", "bob", f"{ws['bob']}:text-1", "ok", "logged-2")],
+        )
+        (refusal,) = [a for a in access if a["kind"] == "connect"]
+        self.assertEqual((refusal["transport"], refusal["status"]),
+                         ("websocket", "unauthenticated"))
+        self.assertNotIn("key", refusal)
+        self.assertTrue(refusal["request_id"].startswith("ws_"))
+        self.assertGreater(len(events), 3)
+        for event in events:
+            text = formatEvent(event) + repr(event)
+            for secret in ["sk-alice-0123456789", "sk-bob-9876543210",
+                           "sk-wrong-secret-7", "sk-upstream-secret-42",
+                           "PROMPT-json-plan", "PROMPT-text-plan"]:
+                self.assertNotIn(secret, text, event)
+
+
+class TLSTests(WebSocketTestMixin, TestCase):
+    """C{wss://}: the transport on an C{ssl:} endpoint, with a key."""
+
+    @inlineCallbacks
+    def serve(self):
+        from easybackend.offline import OfflineUpstream
+        from easybackend.testing.fixtures import make_core
+        from easybackend.testing.tls import self_signed, server_endpoint
+
+        self.cert, key = self_signed(self.mktemp())
+        self.core = yield Deferred.fromCoroutine(
+            make_core(self, OfflineUpstream(reactor, interval=0.001))
+        )
+        self.start_server(self.core, keys=KEYS)
+        port = yield self.listen(self.server_factory,
+                                 server_endpoint(self.cert, key))
+        return port
+
+    @inlineCallbacks
+    def test_ask_over_tls(self):
+        """
+        When a client trusting the server's certificate connects over
+        C{wss://} with a key, then it gets the streamed answer.
+        """
+        from easybackend.testing.tls import client_tls
+
+        port = yield self.serve()
+        client = yield self.connect(port, headers=ALICE, tls=client_tls(self.cert))
+        client.send_json(ask("t", "over-tls", "Hello over TLS"))
+        text, done = yield collect(self, client, "t")
+        self.assertEqual(done["type"], "done", done)
+        self.assertIn("Hello over TLS", text)
+        view = yield self.core.get_conversation("over-tls", owner="alice")
+        self.assertEqual(view.messages[-1].content, text)
+
+    @inlineCallbacks
+    def test_query_key_and_refusal_over_tls(self):
+        """
+        When a C{wss://} client shows its key as C{?api_key=}, then it is
+        in; when the key is wrong, then it hears 4401 over TLS too.
+        """
+        from easybackend.testing.tls import client_tls
+
+        port = yield self.serve()
+        tls = client_tls(self.cert)
+        bob = yield self.connect(port, "/?api_key=sk-bob-9876543210", tls=tls)
+        bob.send_text("<|ask|>$tls-text$hi")
+        self.assertTrue((yield bob.next()).startswith("(offline model)"))
+        wrong = yield self.connect(port, "/?api_key=nope", tls=tls)
+        _, code, reason = yield timeout(wrong.closed)
+        self.assertEqual((code, reason), (CLOSE_UNAUTHENTICATED, "the API key is not valid"))
+
+    @inlineCallbacks
+    def test_untrusted_certificate_fails(self):
+        """
+        When the client trusts another certificate, then the TLS handshake
+        fails and no WebSocket opens (the server really speaks TLS, and the
+        helper trusts only the certificate it is given).
+        """
+        from easybackend.testing.tls import client_tls, self_signed
+
+        port = yield self.serve()
+        other, _ = self_signed(self.mktemp())
+        yield self.assertFailure(
+            self.connect(port, headers=ALICE, tls=client_tls(other)),
+            ConnectionError,
+        )

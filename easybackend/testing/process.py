@@ -18,7 +18,7 @@ from twisted.internet.protocol import ProcessProtocol
 #: log lines that say a listener is up: (name, pattern with the port)
 LISTENING = {
     "http": re.compile(rb"Site starting on (\d+)"),
-    "websocket": re.compile(rb"WebSocketServerFactory starting on (\d+)"),
+    "websocket": re.compile(rb"ChatServerFactory starting on (\d+)"),
     "grpc": re.compile(rb"gRPC listening on .*?\(port (\d+)"),
 }
 

@@ -721,7 +721,9 @@ def _paths() -> dict[str, Any]:
                 "answers each ask with `delta` messages, then one `done`, `error` "
                 "or `cancelled`. When the server has keys, send "
                 "`Authorization: Bearer` or `?api_key=` (browsers cannot set "
-                "headers on a WebSocket)."),
+                "headers on a WebSocket): without a valid key, the handshake "
+                "succeeds and the server closes at once with code 4401 and the "
+                "reason, which a browser can read."),
             "security": _KEYED,
             "parameters": [
                 {"name": "Upgrade", "in": "header", "required": True,
@@ -732,7 +734,6 @@ def _paths() -> dict[str, Any]:
             ],
             "responses": {
                 "101": {"description": "switching to the WebSocket protocol"},
-                "401": {"$ref": "#/components/responses/Unauthenticated"},
                 "404": {"$ref": "#/components/responses/NotFound"},
             },
         }},
