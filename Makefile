@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TRIAL := $(PY) -m twisted.trial
 TESTS ?= tests
 
-.PHONY: run test venv proto bench clean
+.PHONY: run test venv proto bench browser postgres clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,25 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(TRIAL) $(TESTS)
+
+# The browser the page's end-to-end test drives (Debian's, no download).
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then \
+	  echo "chromium and chromedriver are installed"; \
+	else \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	fi
+
+# PostgreSQL on 127.0.0.1:5432 for the store's PostgreSQL tests.
+postgres:
+	@if pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null; then \
+	  echo "PostgreSQL is up on 127.0.0.1:5432"; \
+	elif ls /etc/postgresql >/dev/null 2>&1; then \
+	  pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql | head -n1) main start; \
+	else \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql && \
+	  pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql | head -n1) main start; \
+	fi
 
 proto: $(STAMP)
 	$(PY) -m easybackend.proto.generate

@@ -106,10 +106,12 @@ class BackendCase(TestCase):
         return store
 
     async def on_cursor(self, f: Callable[[Any], T]) -> T:
-        """Run C{f(cursor)} on a plain connection of its own, as another process would."""
+        """Run C{f(cursor)} on a connection of its own, as another process would."""
         raise NotImplementedError()
 
-    async def raw(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    async def raw(
+        self, sql: str, params: tuple[Any, ...] = ()
+    ) -> list[tuple[Any, ...]]:
         """The rows of C{sql} (C{?} placeholders), run on a plain connection."""
 
         def query(cursor: Any) -> list[tuple[Any, ...]]:
@@ -160,7 +162,9 @@ class PostgresCase(BackendCase):
         try:
             import psycopg
         except ImportError:
-            self.fail("the PostgreSQL tests need psycopg: pip install 'psycopg[binary]'")
+            self.fail(
+                "the PostgreSQL tests need psycopg: pip install 'psycopg[binary]'"
+            )
         self.IntegrityError = psycopg.IntegrityError
         name = "eb_test_" + uuid.uuid4().hex[:16]
 
@@ -920,8 +924,9 @@ class PostgresOpenTests(OpenTests, PostgresCase):
 
         def migrate() -> None:
             POSTGRES.schema_version(cursor)
-            for statement in POSTGRES.migrations[0]:
-                cursor.execute(statement)
+            for step in POSTGRES.migrations:
+                for statement in step:
+                    cursor.execute(statement)
             POSTGRES.set_schema_version(cursor, len(POSTGRES.migrations))
             connection.commit()
 

@@ -369,7 +369,7 @@ class WebApp:
     def openapi(self, request: IRequest) -> bytes:
         return self._json(request, pages.openapi_document())
 
-    @app.route("/docs", branch=True, methods=["GET"])
+    @app.route("/docs", branch=True, methods=["GET"], strict_slashes=False)
     def docs(self, request: IRequest) -> IResource:
         return pages.docs_resource()
 

@@ -86,6 +86,7 @@ __all__ = [
     "TEXT_ERR",
     "TEXT_USAGE",
     "CLOSE_UNAUTHENTICATED",
+    "KEY_REQUIRED",
 ]
 
 # Not "log" as a class attribute: Autobahn's protocol classes keep their own
