@@ -244,6 +244,7 @@ def build_listeners(settings: Settings, core: Any, reactor: Any) -> Listeners:
         auto_ping_interval=settings.ws_ping_interval,
         auto_ping_timeout=settings.ws_ping_timeout,
         allowed_origins=settings.cors_origins,
+        keys=settings.keys,
         reactor=reactor,
     )
     web = WebApp(core, WebSettings(max_body=settings.max_body,

@@ -145,12 +145,41 @@ class TLSProcessTests(TestCase):
             self.assertEqual(result[1:], (CLOSE_UNAUTHENTICATED, reason))
         self.assert_no_secrets(await self.stop())
 
-    test_wss_refuses_without_key.todo = (  # type: ignore[attr-defined]
-        "easybackend.tap.build_listeners does not pass keys=settings.keys "
-        "to make_websocket_factory yet"
-    )
+    async def test_grpc_over_tls(self) -> None:
+        """
+        When a gRPC client trusting the certificate calls with a key, then
+        it gets the streamed answer; without a key, UNAUTHENTICATED; and
+        neither the keys nor the prompt reach the log.
+        """
+        import grpc
+        from twisted.internet.threads import deferToThread
 
-    # gRPC over TLS (the gRPC transport's engineer): a test_grpc method here,
-    # using self.start(), ports["grpc"], and
-    # grpc.ssl_channel_credentials(open(self.cert, "rb").read()) with the
-    # target "localhost:<port>".
+        from easybackend.proto import chat_pb2, chat_pb2_grpc
+
+        ports = await self.start()
+        with open(self.cert, "rb") as f:
+            credentials = grpc.ssl_channel_credentials(f.read())
+
+        def call(key: str | None) -> tuple[list[Any], Any]:
+            with grpc.secure_channel(f"localhost:{ports['grpc']}", credentials) as channel:
+                metadata = [("authorization", f"Bearer {key}")] if key else None
+                stream = chat_pb2_grpc.ChatStub(channel).Ask(
+                    chat_pb2.AskRequest(prompt="PROMPT-grpc-plan"), timeout=20,
+                    metadata=metadata)
+                messages = []
+                try:
+                    for m in stream:
+                        messages.append(m)
+                except grpc.RpcError as e:
+                    return messages, e.code()
+                return messages, None
+
+        messages, code = await within(deferToThread(call, ALICE_KEY), 30)
+        self.assertIsNone(code)
+        self.assertTrue(messages[-1].done)
+        self.assertIn("PROMPT-grpc-plan", "".join(m.response for m in messages))
+        _, code = await within(deferToThread(call, None), 30)
+        self.assertEqual(code, grpc.StatusCode.UNAUTHENTICATED)
+        output = await self.stop()
+        self.assert_no_secrets(output)
+        self.assertNotIn(b"PROMPT-grpc-plan", output)

@@ -17,8 +17,8 @@ from twisted.internet.protocol import ProcessProtocol
 
 #: log lines that say a listener is up: (name, pattern with the port)
 LISTENING = {
-    "http": re.compile(rb"Site starting on (\d+)"),
-    "websocket": re.compile(rb"ChatServerFactory starting on (\d+)"),
+    "http": re.compile(rb"Site(?: \(TLS\))? starting on (\d+)"),
+    "websocket": re.compile(rb"ChatServerFactory(?: \(TLS\))? starting on (\d+)"),
     "grpc": re.compile(rb"gRPC listening on .*?\(port (\d+)"),
 }
 
