@@ -112,7 +112,10 @@ SETTINGS: tuple[Setting, ...] = (
             parse=_optional),
     Setting("first-prompt", None, "system message every new conversation "
             "starts with", env="FIRST_PROMPT", parse=_optional),
-    Setting("db", DEFAULT_DB, "SQLite database file", env="EASYBACKEND_DB"),
+    Setting("db", DEFAULT_DB, "SQLite database file, or a PostgreSQL URL "
+            "postgresql://user@host:port/dbname", env="EASYBACKEND_DB"),
+    Setting("db-pool-size", 5, "PostgreSQL connections for queries (SQLite "
+            "always uses one)", parse=_positive_int),
     Setting("http", "tcp:8000", "HTTP server endpoint string"),
     Setting("websocket", "tcp:9001", "WebSocket server endpoint string"),
     Setting("grpc", "[::]:9000", "gRPC listen address, in grpcio's form"),
@@ -175,6 +178,7 @@ class Settings:
     encoding: str | None = None
     first_prompt: str | None = None
     db: str = DEFAULT_DB
+    db_pool_size: int = 5
     http: str = "tcp:8000"
     websocket: str = "tcp:9001"
     grpc: str = "[::]:9000"
@@ -260,8 +264,14 @@ def settings_from(
         keys=load_keys(values["api_keys_file"], environ),  # type: ignore[arg-type]
         **values,  # type: ignore[arg-type]
     )
-    check_database(settings.db)
+    if not is_postgres(settings.db):
+        check_database(settings.db)
     return settings
+
+
+def is_postgres(db: str) -> bool:
+    """Whether the database setting names a PostgreSQL server."""
+    return db.startswith(("postgresql://", "postgres://"))
 
 
 def load_keys(path: str | None, environ: Mapping[str, str]) -> KeyRing:

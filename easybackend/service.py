@@ -48,6 +48,8 @@ class CoreSettings:
     context_tokens: int = 128000
     answer_tokens: int = 1024
     temperature: float | None = None
+    #: seconds to wait for a conversation another replica is answering
+    lock_timeout: float = 600.0
 
 
 def new_conversation_id() -> str:
@@ -379,15 +381,21 @@ class ConversationService:
     @asynccontextmanager
     async def _held(self, cid: str) -> AsyncIterator[None]:
         """
-        Hold the conversation's lock for a block: waiting for it can be
-        cancelled, and it is released however the block ends.  A lock
-        nobody holds or waits for is forgotten.
+        Hold the conversation's lock for a block, in this process and
+        across replicas: waiting for it can be cancelled (L{LockTimeout}
+        when it cannot be had in time), and it is released however the
+        block ends.  A lock nobody holds or waits for is forgotten.
         """
         lock = self._locks.setdefault(cid, DeferredLock())
         try:
             await lock.acquire()
             try:
-                yield
+                # Across processes too (PostgreSQL; a no-op on SQLite).
+                lease = await self.store.lock_conversation(cid, self.settings.lock_timeout)
+                try:
+                    yield
+                finally:
+                    await lease.release()
             finally:
                 lock.release()
         finally:

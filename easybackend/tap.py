@@ -105,7 +105,8 @@ class EasyBackend(MultiService):
     async def _start(self) -> None:
         from easybackend.store import Store
 
-        self.store = await Store.open(self.settings.db, reactor=self.reactor)
+        self.store = await Store.open(self.settings.db, reactor=self.reactor,
+                                      pool_size=self.settings.db_pool_size)
         self.core = build_core(self.settings, self.store, self.reactor)
         # Load the tokenizer now, off the reactor thread, not at the first ask.
         self.core.warm_up()
@@ -228,6 +229,7 @@ def build_core(settings: Settings, store: Any, reactor: Any, upstream: Any = "de
             context_tokens=settings.context_tokens,
             answer_tokens=settings.answer_tokens,
             temperature=settings.temperature,
+            lock_timeout=settings.total_timeout,
         ),
     )
 

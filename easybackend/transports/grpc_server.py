@@ -82,6 +82,8 @@ STATUS: dict[str, grpc.StatusCode] = {
     # another turn held the conversation too long: a concurrency conflict,
     # worth retrying (gRPC's ABORTED)
     "conversation_busy": grpc.StatusCode.ABORTED,
+    # the database went away; the replica recovers when it is back
+    "store_unavailable": grpc.StatusCode.UNAVAILABLE,
 }
 
 #: trailing metadata keys that carry the core's error details
