@@ -642,6 +642,8 @@ def make_websocket_factory(
         # protocol error) instead of dropping the TCP connection unexplained.
         failByDrop=False,
         allowedOrigins=list(allowed_origins) if allowed_origins else ["*"],
+        # A plain GET gets a refusal, not Autobahn's HTML status page.
+        webStatus=False,
     )
     return factory
 
