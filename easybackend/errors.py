@@ -123,3 +123,11 @@ class LockTimeout(EasyBackendError):
     """Another turn held the conversation for longer than the wait allowed."""
 
     code = "conversation_busy"
+
+
+class ConversationChanged(LockTimeout):
+    """
+    The conversation moved on while an answer was being written (another
+    replica committed a turn after this one's lock was lost): nothing of
+    this turn is stored, so that no turn is lost.
+    """

@@ -313,6 +313,9 @@ class Turn:
     #: settings of a conversation this turn creates
     system_prompt: str | None = None
     owner: str | None = None
+    #: the turn continues the conversation's current leaf (no explicit
+    #: C{parent_id}): the commit checks the leaf is still C{parent_id}
+    continues_leaf: bool = False
 
 
 @frozen

@@ -352,6 +352,7 @@ class ConversationService:
                 usage=completion.usage,
                 system_prompt=system,
                 owner=request.owner,
+                continues_leaf=request.parent_id is None,
             )
             prompt_id, answer_id = await self.store.commit_turn(
                 turn, self._clock.seconds(), system_tokens=system_tokens

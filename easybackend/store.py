@@ -38,7 +38,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from easybackend.errors import BadRequest, EasyBackendError, LockTimeout, NotFound
+from easybackend.errors import (
+    BadRequest,
+    ConversationChanged,
+    EasyBackendError,
+    LockTimeout,
+    NotFound,
+)
 from easybackend.model import Conversation, Message, Turn, Usage
 
 __all__ = [
@@ -1043,6 +1049,13 @@ class Store:
                     f"message {turn.parent_id!r} not found in "
                     f"conversation {cid!r}"
                 )
+        if turn.continues_leaf:
+            current = self._fetch_conversation(txn, cid, for_update=True)
+            leaf = current.leaf_id if current is not None else None
+            if leaf != turn.parent_id:
+                raise ConversationChanged(
+                    f"conversation {cid!r} changed while this answer was "
+                    "written; nothing was stored: ask again")
         self._create_conversation(
             txn, turn, now, system_tokens, turn.model or None
         )

@@ -482,3 +482,31 @@ class DrainTests(TestCase):
         """When nothing is in flight, then draining is immediate."""
         core = await make_core(self, ScriptedUpstream())
         self.assertEqual(self.successResultOf(core.drain(10)), 0)
+
+
+class LeafCheckTests(TestCase):
+    """A turn continuing the leaf commits only if the leaf did not move."""
+
+    async def test_stale_leaf_refused(self) -> None:
+        """
+        When a turn that continued the leaf is committed after another turn
+        moved the leaf (its lock was lost), then it is refused with
+        L{ConversationChanged} and nothing of it is stored.
+        """
+        from easybackend.errors import ConversationChanged
+        from easybackend.model import Turn
+
+        core = await make_core(self, OfflineUpstream(_reactor(), interval=0))
+        first = await core.ask(ask("one", "lc"), lambda p: None)
+        await core.ask(ask("two", "lc"), lambda p: None)
+        stale = Turn(conversation_id="lc", parent_id=first.message_id, prompt="late",
+                     prompt_tokens=1, answer="a", answer_tokens=1, model="m",
+                     finish_reason="stop", usage=None, continues_leaf=True)
+        with self.assertRaises(ConversationChanged):
+            await core.store.commit_turn(stale, 0.0)
+        view = await core.get_conversation("lc")
+        self.assertEqual([m.content for m in view.messages if m.role == "user"], ["one", "two"])
+        branched = Turn(conversation_id="lc", parent_id=first.message_id, prompt="branch",
+                        prompt_tokens=1, answer="a", answer_tokens=1, model="m",
+                        finish_reason="stop", usage=None, continues_leaf=False)
+        await core.store.commit_turn(branched, 0.0)

@@ -1,0 +1,824 @@
+"""
+EasyBackend's benchmark: what the server adds to every answer.
+
+    .venv/bin/python -m bench.run            # the full run, ~15 minutes
+    .venv/bin/python -m bench.run --quick    # a smoke check, under 2 minutes
+
+Three processes on loopback: the project's fake upstream (20 pieces, 10 ms
+apart), C{twistd -n easybackend} pointed at it, and this load driver
+(asyncio + aiohttp + grpc.aio).  Every figure is measured against the same
+load sent straight to the fake (the baseline), in alternating rounds of the
+same run.  Writes C{bench/results/latest.json} (C{quick.json} for
+C{--quick}) and, for a full run, C{docs/benchmarks.md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from time import perf_counter
+from typing import Any, Callable
+
+if __package__ in (None, ""):  # python bench/run.py
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    __package__ = "bench"
+
+from bench import procs  # noqa: E402
+from bench.procs import cpu_seconds, rss_bytes  # noqa: E402
+
+ROOT = procs.ROOT
+RESULTS = os.path.join(ROOT, "bench", "results")
+DOC = os.path.join(ROOT, "docs", "benchmarks.md")
+ORDER = ["http", "sse", "websocket", "grpc", "openai"]
+PIECES, INTERVAL = 20, 0.01
+
+
+@dataclass
+class Plan:
+    """How much of everything a run does (asks are per round and side)."""
+
+    transports: list[str] = field(default_factory=lambda: list(ORDER))
+    c1: tuple[int, int] = (4, 30)            # rounds, asks at concurrency 1
+    c100: tuple[int, int] = (4, 600)
+    c50: tuple[int, int] = (4, 400)
+    saturation: tuple[int, int, int] = (3, 1200, 200)  # rounds, asks, concurrency
+    round_cap: float = 30.0                  # seconds, any round
+    memory_streams: int = 1000
+    memory_transports: list[str] = field(
+        default_factory=lambda: ["sse", "websocket", "grpc", "openai"])
+    slow_interval: float = 0.5               # the held streams' fake: 20 pieces this far apart
+    history: tuple[int, int, int] = (4, 60, 10)  # rounds, asks, concurrency
+    history_sizes: tuple[int, int] = (10, 1000)
+    profile_seconds: int = 6
+    profile_transports: list[str] = field(default_factory=lambda: list(ORDER))
+
+
+QUICK = Plan(
+    c1=(2, 6), c100=(2, 200), c50=(2, 150), saturation=(0, 0, 0), round_cap=15.0,
+    memory_streams=200, memory_transports=["sse"], slow_interval=0.25,
+    history=(2, 20, 10), profile_seconds=3, profile_transports=["sse"],
+)
+
+
+def log(*args: Any) -> None:
+    print(time.strftime("%H:%M:%S"), *args, flush=True)
+
+
+def pct(values: list[float], q: float) -> float | None:
+    """The q-th percentile (0-100), nearest-rank on sorted values."""
+    if not values:
+        return None
+    s = sorted(values)
+    k = max(0, min(len(s) - 1, math.ceil(q / 100 * len(s)) - 1))
+    return s[k]
+
+
+def ms(x: float | None) -> float | None:
+    return None if x is None else round(x * 1000, 3)
+
+
+class LagMonitor:
+    """How late this loop wakes up: the driver's own distortion."""
+
+    def __init__(self, period: float = 0.005) -> None:
+        self.period = period
+        self.samples: list[float] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            t = loop.time()
+            await asyncio.sleep(self.period)
+            self.samples.append(loop.time() - t - self.period)
+
+    def start(self) -> None:
+        self.samples = []
+        self._task = asyncio.ensure_future(self._run())
+
+    async def stop(self) -> list[float]:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        return self.samples
+
+
+@dataclass
+class Round:
+    side: str
+    concurrency: int
+    first: list[float]
+    total: list[float]
+    errors: list[str]
+    elapsed: float
+    window_rate: float
+    cpu: dict[str, float]
+    lag: list[float]
+
+
+class Bench:
+    def __init__(self, plan: Plan, tmp: str, session: Any) -> None:
+        self.plan = plan
+        self.tmp = tmp
+        self.session = session
+        self.pids: dict[str, int] = {"driver": os.getpid()}
+        self._conv = 0
+
+    def conversation(self, prefix: str) -> str:
+        self._conv += 1
+        return f"{prefix}-{self._conv}"
+
+    async def round(self, client: Any, side: str, concurrency: int, n: int,
+                    conversation: Callable[[int], str] | None = None) -> Round:
+        """
+        C{concurrency} workers ask one after another until C{n} asks were
+        started (or the round cap passed).  Asks per second are counted
+        while every worker was busy: from the start to the last ask started.
+        """
+        cap = self.plan.round_cap
+        if conversation is None:
+            ids = [self.conversation(f"b{side[:3]}") for _ in range(concurrency)]
+            conversation = ids.__getitem__
+        first: list[float] = []
+        total: list[float] = []
+        ends: list[float] = []
+        errors: list[str] = []
+        started = 0
+        last_start = 0.0
+        lag = LagMonitor()
+        cpu0 = {k: cpu_seconds(p) for k, p in self.pids.items()}
+        t0 = perf_counter()
+        deadline = t0 + cap
+
+        async def worker(w: int) -> None:
+            nonlocal started, last_start
+            cid = conversation(w)
+            while started < n and perf_counter() < deadline:
+                i = started
+                started += 1
+                last_start = perf_counter()
+                try:
+                    f, t = await client.ask(w, cid, i)
+                except Exception as e:  # noqa: BLE001 - counted and shown
+                    errors.append(f"{type(e).__name__}: {e}"[:300])
+                    continue
+                first.append(f)
+                total.append(t)
+                ends.append(perf_counter())
+
+        lag.start()
+        await asyncio.gather(*(worker(w) for w in range(concurrency)))
+        elapsed = perf_counter() - t0
+        cpu1 = {k: cpu_seconds(p) for k, p in self.pids.items()}
+        lags = await lag.stop()
+        window = last_start - t0
+        in_window = sum(1 for e in ends if e <= last_start)
+        rate = in_window / window if window > 0.05 and in_window else len(total) / elapsed
+        return Round(side, concurrency, first, total, errors, elapsed, rate,
+                     {k: cpu1[k] - cpu0[k] for k in cpu0}, lags)
+
+    async def paired(self, server_client: Any, direct: Any, concurrency: int,
+                     rounds: int, n: int, label: str) -> dict[str, Any]:
+        """Alternate direct and server rounds (ABBA), warm both first."""
+        # warm-up: open the connections at this concurrency, not counted
+        await self.round(direct, "direct", concurrency, concurrency)
+        await self.round(server_client, "server", concurrency, concurrency)
+        sides: dict[str, list[Round]] = {"direct": [], "server": []}
+        for r in range(rounds):
+            pair = [("direct", direct), ("server", server_client)]
+            if r % 2:
+                pair.reverse()
+            for side, client in pair:
+                sides[side].append(await self.round(client, side, concurrency, n))
+        log(f"  {label} c={concurrency}: " + ", ".join(
+            f"{s} {sum(len(x.total) for x in rs)} asks "
+            f"{sum(x.window_rate for x in rs) / max(1, len(rs)):.0f}/s"
+            f" err={sum(len(x.errors) for x in rs)}" for s, rs in sides.items()))
+        return self.aggregate(sides, whole_answer=server_client.whole_answer)
+
+    def aggregate(self, sides: dict[str, list[Round]], whole_answer: bool) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        direct_time = sum(r.elapsed for r in sides["direct"])
+        idle_rate = (sum(r.cpu["server"] for r in sides["direct"]) / direct_time
+                     if "server" in self.pids and direct_time else 0.0)
+        for side, rounds in sides.items():
+            first = [x for r in rounds for x in r.first]
+            total = [x for r in rounds for x in r.total]
+            asks = len(total)
+            errors = [e for r in rounds for e in r.errors]
+            rates = sorted(r.window_rate for r in rounds)
+            elapsed = sum(r.elapsed for r in rounds)
+            agg: dict[str, Any] = {
+                "asks": asks, "errors": len(errors), "error_samples": errors[:3],
+                "rounds": len(rounds),
+                "ttfp_ms": {"p50": ms(pct(first, 50)), "p90": ms(pct(first, 90)),
+                            "p99": ms(pct(first, 99))},
+                "total_ms": {"p50": ms(pct(total, 50)), "p90": ms(pct(total, 90)),
+                             "p99": ms(pct(total, 99))},
+                "asks_per_s": round(rates[len(rates) // 2], 1) if rates else None,
+                "asks_per_s_rounds": [round(x, 1) for x in rates],
+                "loop_lag_ms_p99": ms(pct([x for r in rounds for x in r.lag], 99)),
+            }
+            for proc in self.pids:
+                used = sum(r.cpu[proc] for r in rounds)
+                if proc == "server" and side == "server":
+                    agg["server_cpu_ms_per_ask_raw"] = ms(used / asks) if asks else None
+                    used -= idle_rate * elapsed
+                agg[f"{proc}_cpu_ms_per_ask"] = ms(used / asks) if asks else None
+            out[side] = agg
+        key = "total_ms" if whole_answer else "ttfp_ms"
+        s, d = out["server"], out["direct"]
+        out["compared"] = "time to the whole answer" if whole_answer else "time to first piece"
+        out["added_ms"] = {q: (round(s[key][q] - d[key][q], 3)
+                               if s[key][q] is not None and d[key][q] is not None else None)
+                           for q in ("p50", "p90", "p99")}
+        out["throughput_ratio"] = (round(s["asks_per_s"] / d["asks_per_s"], 3)
+                                   if s["asks_per_s"] and d["asks_per_s"] else None)
+        out["server_idle_cpu_per_s"] = round(idle_rate, 4)
+        return out
+
+
+def make_client(name: str, session: Any, ports: dict[str, int], **kw: Any) -> Any:
+    from bench.clients import TRANSPORTS
+
+    return TRANSPORTS[name](session, ports, **kw)
+
+
+# --- the phases ------------------------------------------------------------
+
+
+async def transport_phases(bench: Bench, name: str, ports: dict[str, int],
+                           direct: Any) -> dict[str, Any]:
+    plan = bench.plan
+    client = make_client(name, bench.session, ports)
+    result: dict[str, Any] = {}
+    try:
+        result["c1"] = await bench.paired(client, direct, 1, *plan.c1, label=name)
+        result["c100"] = await bench.paired(client, direct, 100, *plan.c100, label=name)
+        result["c50"] = await bench.paired(client, direct, 50, *plan.c50, label=name)
+        rounds, n, conc = plan.saturation
+        if rounds:
+            result[f"c{conc}"] = await bench.paired(client, direct, conc, rounds, n, label=name)
+    finally:
+        await client.close()
+    levels = {k: v for k, v in result.items() if k.startswith("c")}
+    best = max(levels, key=lambda k: levels[k]["server"]["asks_per_s"] or 0)
+    best_direct = max(levels, key=lambda k: levels[k]["direct"]["asks_per_s"] or 0)
+    result["saturation"] = {
+        "server_asks_per_s": levels[best]["server"]["asks_per_s"], "server_at": best,
+        "direct_asks_per_s": levels[best_direct]["direct"]["asks_per_s"],
+        "direct_at": best_direct,
+    }
+    return result
+
+
+async def profile_phase(bench: Bench, name: str, ports: dict[str, int], server_pid: int,
+                        out_dir: str, client: Any = None,
+                        conversation: Callable[[int], str] | None = None,
+                        concurrency: int = 200) -> dict[str, Any]:
+    """py-spy on the server while it is saturated; not a measured round."""
+    from bench.profile import summarize
+
+    own = client is None
+    if own:
+        client = make_client(name, bench.session, ports)
+    out = os.path.join(out_dir, f"profile-{name}.txt")
+    seconds = bench.plan.profile_seconds
+    try:
+        await bench.round(client, "server", concurrency, concurrency)  # warm
+        spy = procs.start_profile(server_pid, out, seconds)
+        if spy is None:
+            return {"error": "py-spy not found (pip install py-spy)"}
+        await asyncio.sleep(0.3)
+        old_cap = bench.plan.round_cap
+        bench.plan.round_cap = seconds + 1.0
+        try:
+            r = await bench.round(client, "server", concurrency, 10**9, conversation)
+        finally:
+            bench.plan.round_cap = old_cap
+        _, err = await asyncio.get_running_loop().run_in_executor(None, spy.communicate)
+    finally:
+        if own:
+            await client.close()
+    if not os.path.exists(out):
+        return {"error": f"py-spy wrote nothing: {err.decode(errors='replace')[-500:]}"}
+    with open(out) as f:
+        summary = summarize(f.read())
+    summary["load"] = {"concurrency": concurrency, "asks": len(r.total),
+                       "asks_per_s": round(r.window_rate, 1), "errors": len(r.errors)}
+    summary["raw_file"] = out
+    return summary
+
+
+async def memory_phase(bench: Bench, name: str, slow_port: int) -> dict[str, Any]:
+    """
+    A fresh server in front of a slow fake (pieces far apart); open
+    C{n} streams at once, read VmRSS once all got their first piece, then
+    let every one finish.
+    """
+    plan = bench.plan
+    n = plan.memory_streams
+    workers = n + 50 if name == "grpc" else 10
+    db = os.path.join(bench.tmp, f"memory-{name}.sqlite3")
+    server, ports = procs.start_server(bench.tmp, f"server-memory-{name}", slow_port, db,
+                                       grpc_workers=workers)
+    kw: dict[str, Any] = {}
+    if name == "grpc":
+        kw["channels"] = max(1, math.ceil(n / 90))
+    client = make_client(name, bench.session, ports, **kw)
+    lifetime = PIECES * plan.slow_interval
+    try:
+        warm = 20
+        await asyncio.gather(*(client.ask(n + w, f"memwarm-{w}", w) for w in range(warm)))
+        await asyncio.sleep(0.5)
+        rss0 = rss_bytes(server.pid)
+        threads0 = procs.threads(server.pid)
+        opened = 0
+        all_open = asyncio.Event()
+
+        def on_first() -> None:
+            nonlocal opened
+            opened += 1
+            if opened == n:
+                all_open.set()
+
+        async def one(w: int) -> tuple[float, float]:
+            return await client.ask(w, f"mem-{name}-{w}", w, on_first)
+
+        t0 = perf_counter()
+        tasks = []
+        peak = rss0
+        for start in range(0, n, 50):  # a ramp: 50 new streams every 20 ms
+            tasks.extend(asyncio.ensure_future(one(w)) for w in range(start, min(n, start + 50)))
+            await asyncio.sleep(0.02)
+        while not all_open.is_set() and perf_counter() - t0 < lifetime * 2 + 30:
+            peak = max(peak, rss_bytes(server.pid))
+            try:
+                await asyncio.wait_for(all_open.wait(), 0.2)
+            except asyncio.TimeoutError:
+                pass
+        open_after = perf_counter() - t0
+        simultaneous = sum(1 for t in tasks if not t.done())
+        await asyncio.sleep(0.3)
+        rss1 = rss_bytes(server.pid)
+        threads1 = procs.threads(server.pid)
+        peak = max(peak, rss1)
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        errors = [f"{type(r).__name__}: {r}"[:300] for r in results if isinstance(r, BaseException)]
+        ok = [r for r in results if not isinstance(r, BaseException)]
+        out = {
+            "streams": n, "got_first_piece": opened, "simultaneously_open": simultaneous,
+            "seconds_to_open_all": round(open_after, 2), "stream_lifetime_s": lifetime,
+            "completed": len(ok), "errors": len(errors), "error_samples": errors[:3],
+            "rss_before_mib": round(rss0 / 2**20, 1), "rss_open_mib": round(rss1 / 2**20, 1),
+            "rss_peak_mib": round(peak / 2**20, 1),
+            "kib_per_stream": round((rss1 - rss0) / n / 1024, 1),
+            "threads_before": threads0, "threads_open": threads1,
+            "grpc_workers": workers if name == "grpc" else None,
+            "held": (opened == n and simultaneous == n and not errors and len(ok) == n),
+        }
+        log(f"  memory {name}: {out['kib_per_stream']} KiB/stream, open {simultaneous}/{n},"
+            f" completed {len(ok)}, errors {len(errors)}")
+        return out
+    finally:
+        await client.close()
+        server.stop()
+
+
+def history_files(directory: str, sizes: tuple[int, ...], per_size: int) -> dict[int, list[str]]:
+    """
+    Old-design conversation files, as if asked N/2 times against the fake:
+    prompt, then the fake's echo.  Returns the ids for each size.
+    """
+    ids: dict[int, list[str]] = {}
+    os.makedirs(directory, exist_ok=True)
+    for size in sizes:
+        ids[size] = []
+        for k in range(per_size):
+            cid = f"hist{size}-{k}"
+            entries = []
+            for turn in range(size // 2):
+                prompt = f"Benchmark question {turn}: how much time does the backend add?"
+                answer = f"You said: {prompt} ({2 * turn + 1} messages received)"
+                entries.append(f"User: {prompt}\n\n\nChatGPT: {answer}<|im_end|>\n")
+            with open(os.path.join(directory, f"{cid}.json"), "w") as f:
+                json.dump(entries, f)
+            ids[size].append(cid)
+    return ids
+
+
+async def history_phase(bench: Bench, ports: dict[str, int], ids: dict[int, list[str]],
+                        server_pid: int) -> dict[str, Any]:
+    """
+    Server CPU per ask on a conversation of 10 messages against one of
+    1,000: every ask continues from the same message (C{parent_id}), so
+    the history stays that long; rounds alternate.
+    """
+    from bench.clients import SSEClient
+
+    plan = bench.plan
+    rounds, n, conc = plan.history
+    client = SSEClient(bench.session, ports)
+    base = f"http://127.0.0.1:{ports['http']}/conversations/"
+    lengths = {}
+    for size, cids in ids.items():
+        for cid in cids:
+            async with bench.session.get(base + cid) as resp:
+                view = await resp.json()
+            client.parents[cid] = view["current_message_id"]
+            lengths[cid] = len(view["messages"])
+    sides: dict[int, list[Round]] = {size: [] for size in ids}
+    sizes = list(ids)
+    for size in sizes:  # warm
+        await bench.round(client, "server", conc, conc, ids[size].__getitem__)
+    for r in range(rounds):
+        for size in (sizes if r % 2 == 0 else sizes[::-1]):
+            sides[size].append(await bench.round(client, "server", conc, n,
+                                                 ids[size].__getitem__))
+    out: dict[str, Any] = {"transport": "sse", "concurrency": conc,
+                           "messages": {str(s): sorted(set(lengths[c] for c in ids[s]))
+                                        for s in ids}}
+    for size, rs in sides.items():
+        asks = sum(len(r.total) for r in rs)
+        total = [x for r in rs for x in r.total]
+        first = [x for r in rs for x in r.first]
+        out[str(size)] = {
+            "asks": asks, "errors": sum(len(r.errors) for r in rs),
+            "error_samples": [e for r in rs for e in r.errors][:3],
+            "server_cpu_ms_per_ask": ms(sum(r.cpu["server"] for r in rs) / asks) if asks else None,
+            "fake_cpu_ms_per_ask": ms(sum(r.cpu["fake"] for r in rs) / asks) if asks else None,
+            "ttfp_ms_p50": ms(pct(first, 50)), "total_ms_p50": ms(pct(total, 50)),
+        }
+    small, large = (str(s) for s in sizes)
+    a, b = out[small]["server_cpu_ms_per_ask"], out[large]["server_cpu_ms_per_ask"]
+    out["cpu_ratio"] = round(b / a, 2) if a and b else None
+    log(f"  history: {small} msgs {a} ms/ask, {large} msgs {b} ms/ask, ratio {out['cpu_ratio']}")
+    if plan.profile_seconds:
+        out["profile"] = await profile_phase(
+            bench, "sse", ports, server_pid, bench.tmp, client=client,
+            conversation=ids[sizes[-1]].__getitem__, concurrency=conc)
+    await client.close()
+    return out
+
+
+# --- targets and the report ------------------------------------------------
+
+
+def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for name, t in result["transports"].items():
+        c1, c100, c50 = t["c1"], t["c100"], t["c50"]
+        what = "whole answer" if name == "http" else "first piece"
+        rows.append({"transport": name, "target": f"added time to {what}, p50 at c=1 < 1 ms",
+                     "value": c1["added_ms"]["p50"], "unit": "ms",
+                     "pass": c1["added_ms"]["p50"] is not None and c1["added_ms"]["p50"] < 1})
+        rows.append({"transport": name, "target": f"added time to {what}, p99 at c=100 < 10 ms",
+                     "value": c100["added_ms"]["p99"], "unit": "ms",
+                     "pass": c100["added_ms"]["p99"] is not None and c100["added_ms"]["p99"] < 10})
+        cpu = c50["server"]["server_cpu_ms_per_ask"]
+        rows.append({"transport": name, "target": "server CPU per ask (c=50) < 3 ms",
+                     "value": cpu, "unit": "ms", "pass": cpu is not None and cpu < 3})
+        ratio = c50["throughput_ratio"]
+        rows.append({"transport": name, "target": "asks/s at c=50 >= 0.9 x direct",
+                     "value": ratio, "unit": "x", "pass": ratio is not None and ratio >= 0.9})
+        errs = sum(c[s]["errors"] for k, c in t.items() if k.startswith("c") and k[1:].isdigit()
+                   for s in ("server",))
+        if errs:
+            rows.append({"transport": name, "target": "no failed asks under load",
+                         "value": errs, "unit": "errors", "pass": False})
+    for name, m in result.get("memory", {}).items():
+        rows.append({"transport": name,
+                     "target": f"{m.get('streams')} concurrent streams held, no error",
+                     "value": f"{m.get('simultaneously_open')} open, {m.get('errors')} errors",
+                     "unit": "", "pass": bool(m.get("held"))})
+    h = result.get("history")
+    if h:
+        rows.append({"transport": "sse", "target": "ask at 1,000 messages <= 1.5 x at 10 (CPU)",
+                     "value": h.get("cpu_ratio"), "unit": "x",
+                     "pass": h.get("cpu_ratio") is not None and h["cpu_ratio"] <= 1.5})
+    return rows
+
+
+def fmt(x: Any, nd: int = 2) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:.{nd}f}"
+    return str(x)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    plan = result["plan"]
+    L: list[str] = []
+    L.append("# Benchmarks\n")
+    L.append("What EasyBackend adds to every answer, measured by `make bench` "
+             "(`.venv/bin/python -m bench.run`; `--quick` for a 2-minute smoke check). "
+             "Generated by `bench/run.py`; the raw figures are in "
+             "`bench/results/latest.json` (not committed).\n")
+    L.append(f"- **Date**: {result['date']}  ")
+    L.append(f"- **Machine**: {m['cpu_model']}, {m['cores']} cores, {m['memory_gib']} GiB, "
+             f"Linux {m['kernel']}, Python {m['python']}; load average at start "
+             f"{', '.join(f'{x:.2f}' for x in m['loadavg'])} (a shared, noisy machine)  ")
+    L.append(f"- **Commit**: `{result.get('commit') or '?'}`, mode `{result['mode']}`, "
+             f"run took {result['duration_s'] / 60:.1f} min\n")
+    L.append("## Setup\n")
+    L.append(
+        f"Three processes on loopback, sharing the {m['cores']} cores: the project's fake "
+        f"upstream (`easybackend.testing.fake_upstream`, {PIECES} pieces {INTERVAL * 1000:.0f} ms "
+        "apart, so an answer takes about 200 ms), `twistd -n easybackend` pointed at it "
+        "(`--grpc-workers 256`, a fresh SQLite file), and the load driver (one asyncio "
+        "process with uvloop when installed, aiohttp and grpc.aio). The **baseline** is "
+        "the same load sent straight to the fake's streaming `/v1/chat/completions`; "
+        "baseline and server rounds alternate (ABBA) within the run, and every figure "
+        "below is a difference or ratio against the baseline of the same phase.\n")
+    L.append(
+        "- *Added time to first piece*: p50/p99 of the server's time to the first piece "
+        "minus the same percentile of the baseline's (for `http`, the plain JSON ask, "
+        "the whole answer against the baseline's whole stream).\n"
+        "- *c=N*: N workers, each asking again as soon as its answer ended; each worker "
+        "keeps its connection (HTTP keep-alive, one WebSocket each, one gRPC channel for "
+        "all) and its own conversation, so that asks continue a conversation.\n"
+        "- *Asks/s*: counted while all N workers were busy; median of the rounds.\n"
+        "- *Server CPU/ask*: utime+stime of the server process (all threads) from "
+        "`/proc/<pid>/stat` over the server rounds, less its idle rate measured during "
+        "the baseline rounds, divided by the asks.\n"
+        "- *Driver CPU/ask* and *loop lag* (how late the driver's event loop woke, p99) "
+        "show the driver's own cost.\n"
+        "- `openai` is `/v1/chat/completions` streamed, stateless (no `X-Conversation-Id`), "
+        "as the OpenAI SDKs use it; the other four store every turn.\n")
+    L.append(f"Rounds × asks per round and side: c=1 {plan['c1'][0]}×{plan['c1'][1]}, "
+             f"c=100 {plan['c100'][0]}×{plan['c100'][1]}, c=50 {plan['c50'][0]}×{plan['c50'][1]}"
+             + (f", c={plan['saturation'][2]} {plan['saturation'][0]}×{plan['saturation'][1]}"
+                if plan['saturation'][0] else "") + ".\n")
+
+    L.append("## Targets\n")
+    L.append("| transport | target | value | result |")
+    L.append("|---|---|---|---|")
+    for row in result["targets"]:
+        L.append(f"| {row['transport']} | {row['target']} | {fmt(row['value'])} {row['unit']} | "
+                 f"{'**pass**' if row['pass'] else '**FAIL**'} |")
+    L.append("")
+
+    L.append("## Figures\n")
+    L.append("Times in ms. *added* = server − baseline, same percentile.\n")
+    L.append("| transport | added p50 c=1 | added p99 c=1 | added p50 c=100 | added p99 c=100 "
+             "| asks/s c=50 (× direct) | asks/s saturation (direct) | server CPU ms/ask c=50 "
+             "| c=1 | c=100 | driver CPU ms/ask | errors |")
+    L.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, t in result["transports"].items():
+        sat = t["saturation"]
+        errs = sum(c["server"]["errors"] for k, c in t.items()
+                   if k.startswith("c") and k[1:].isdigit())
+        L.append(
+            f"| {name} | {fmt(t['c1']['added_ms']['p50'])} | {fmt(t['c1']['added_ms']['p99'])} | "
+            f"{fmt(t['c100']['added_ms']['p50'])} | {fmt(t['c100']['added_ms']['p99'])} | "
+            f"{fmt(t['c50']['server']['asks_per_s'], 0)} ({fmt(t['c50']['throughput_ratio'])}) | "
+            f"{fmt(sat['server_asks_per_s'], 0)} at {sat['server_at']} "
+            f"({fmt(sat['direct_asks_per_s'], 0)} at {sat['direct_at']}) | "
+            f"{fmt(t['c50']['server']['server_cpu_ms_per_ask'])} | "
+            f"{fmt(t['c1']['server']['server_cpu_ms_per_ask'])} | "
+            f"{fmt(t['c100']['server']['server_cpu_ms_per_ask'])} | "
+            f"{fmt(t['c50']['server']['driver_cpu_ms_per_ask'])} | {errs} |")
+    L.append("")
+    first = next(iter(result["transports"].values()))
+    L.append("Baseline (direct to the fake), from the `" + next(iter(result["transports"]))
+             + "` phases: time to first piece p50 "
+             f"{fmt(first['c1']['direct']['ttfp_ms']['p50'])} ms at c=1, p99 "
+             f"{fmt(first['c100']['direct']['ttfp_ms']['p99'])} ms at c=100; whole answer p50 "
+             f"{fmt(first['c1']['direct']['total_ms']['p50'])} ms; "
+             f"{fmt(first['c50']['direct']['asks_per_s'], 0)} asks/s at c=50; the fake spends "
+             f"{fmt(first['c50']['direct']['fake_cpu_ms_per_ask'])} ms CPU per ask and the "
+             f"driver {fmt(first['c50']['direct']['driver_cpu_ms_per_ask'])} ms; driver loop "
+             f"lag p99 {fmt(first['c50']['direct']['loop_lag_ms_p99'])} ms (direct) and "
+             f"{fmt(first['c50']['server']['loop_lag_ms_p99'])} ms (server) at c=50.\n")
+
+    if result.get("memory"):
+        L.append("## 1,000 streams held at once\n")
+        L.append("A fresh server per transport, in front of a second fake whose 20 pieces "
+                 f"are {plan['slow_interval']} s apart; after 20 warm-up asks, "
+                 f"{plan['memory_streams']} streams are opened (50 every 20 ms, one connection "
+                 "each; gRPC over several channels, with `--grpc-workers` raised to streams + 50, "
+                 "since each gRPC stream holds a worker thread) and VmRSS is read once every "
+                 "stream got its first piece. The plain JSON ask is not a stream and is left out.\n")
+        L.append("| transport | streams open at once | KiB per stream | RSS before → open (peak) MiB "
+                 "| threads | completed | errors | held |")
+        L.append("|---|---|---|---|---|---|---|---|")
+        for name, mm in result["memory"].items():
+            if "error" in mm:
+                L.append(f"| {name} | – | – | – | – | – | {mm['error']} | **FAIL** |")
+                continue
+            L.append(f"| {name} | {mm['simultaneously_open']} / {mm['streams']} | "
+                     f"{fmt(mm['kib_per_stream'], 1)} | {mm['rss_before_mib']} → "
+                     f"{mm['rss_open_mib']} ({mm['rss_peak_mib']}) | {mm['threads_before']} → "
+                     f"{mm['threads_open']} | {mm['completed']} | {mm['errors']} | "
+                     f"{'**pass**' if mm['held'] else '**FAIL**'} |")
+        L.append("")
+
+    h = result.get("history")
+    if h:
+        sizes = [k for k in h if k.isdigit()]
+        L.append("## History length\n")
+        L.append(f"Conversations imported with `easybackend-import` (what 5 and 500 asks against "
+                 f"the fake would have stored); every ask continues from the same message "
+                 f"(`parent_id`), so its history stays that long. SSE, c={h['concurrency']}, "
+                 "rounds alternating.\n")
+        L.append("| history (messages) | asks | server CPU ms/ask | fake CPU ms/ask "
+                 "| first piece p50 ms | whole answer p50 ms |")
+        L.append("|---|---|---|---|---|---|")
+        for s in sizes:
+            x = h[s]
+            L.append(f"| {s} | {x['asks']} | {fmt(x['server_cpu_ms_per_ask'])} | "
+                     f"{fmt(x['fake_cpu_ms_per_ask'])} | {fmt(x['ttfp_ms_p50'])} | "
+                     f"{fmt(x['total_ms_p50'])} |")
+        L.append(f"\nRatio of server CPU, {sizes[-1]} against {sizes[0]}: "
+                 f"**{fmt(h.get('cpu_ratio'))}×** (target ≤ 1.5×).\n")
+
+    L.append("## Where the time goes (py-spy)\n")
+    L.append("`py-spy record --nonblocking --function --format raw` on the server for "
+             f"{plan['profile_seconds']} s while it is saturated (c=200, not a measured round). "
+             "Shares are of the samples in which a server thread was running Python. "
+             "*By part*: the leaf frame's package. *Self*: the function on top of the stack.\n")
+    profiles = [(n, t["profile"]) for n, t in result["transports"].items() if t.get("profile")]
+    if h and h.get("profile"):
+        profiles.append(("sse, 1,000-message history (c=10)", h["profile"]))
+    for name, p in profiles:
+        if not p.get("samples"):
+            L.append(f"### {name}\n\nno profile: {p.get('error', 'no samples')}\n")
+            continue
+        load = p.get("load", {})
+        L.append(f"### {name}\n")
+        L.append(f"{p['samples']} samples, {load.get('asks_per_s')} asks/s at "
+                 f"c={load.get('concurrency')}.\n")
+        L.append("| by part | share |  | self (top 10) | share |")
+        L.append("|---|---|---|---|---|")
+        cats = p["categories"][:10]
+        selfs = p["self"][:10]
+        for i in range(max(len(cats), len(selfs))):
+            c = cats[i] if i < len(cats) else None
+            s = selfs[i] if i < len(selfs) else None
+            cat = f"{c['category']} | {c['share']:.0%}" if c else " | "
+            fn = f"`{s['function']}` | {s['share']:.0%}" if s else " | "
+            L.append(f"| {cat} |  | {fn} |")
+        inc = [x for x in p["inclusive_easybackend"][:8]]
+        if inc:
+            L.append("\nEasyBackend functions, inclusive: " + "; ".join(
+                f"`{x['function'].split(' (')[0]}` {x['share']:.0%}" for x in inc) + ".\n")
+        else:
+            L.append("")
+    analysis = os.path.join(ROOT, "bench", "analysis.md")
+    if os.path.exists(analysis):
+        with open(analysis) as f:
+            L.append(f.read().rstrip() + "\n")
+    return "\n".join(L) + "\n"
+
+
+# --- main ------------------------------------------------------------------
+
+
+async def main_async(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
+    import aiohttp
+
+    from bench.clients import DirectClient
+
+    procs.raise_fd_limit()
+    t_start = time.time()
+    tmp = tempfile.mkdtemp(prefix="easybackend-bench-")
+    log(f"work folder {tmp}")
+    result: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "mode": "quick" if args.quick else "full",
+        "machine": procs.machine(),
+        "commit": _commit(),
+        "plan": asdict(plan),
+        "upstream": {"pieces": PIECES, "interval_s": INTERVAL},
+        "transports": {},
+    }
+    started: list[procs.Proc] = []
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=None)
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=120)
+    session = aiohttp.ClientSession(connector=connector, timeout=timeout,
+                                    skip_auto_headers=("User-Agent",))
+    try:
+        fake, fake_port = procs.start_fake(tmp, "fake", PIECES, INTERVAL)
+        started.append(fake)
+        hist_ids = None
+        db = os.path.join(tmp, "bench.sqlite3")
+        if plan.history[0]:
+            hist_dir = os.path.join(tmp, "history")
+            hist_ids = history_files(hist_dir, plan.history_sizes, plan.history[2])
+            subprocess.run([sys.executable, "-m", "easybackend.importer", hist_dir, "--db", db],
+                           check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+        server, ports = procs.start_server(tmp, "server", fake_port, db)
+        started.append(server)
+        log(f"fake pid {fake.pid} port {fake_port}; server pid {server.pid} ports {ports}")
+        bench = Bench(plan, tmp, session)
+        bench.pids.update({"server": server.pid, "fake": fake.pid})
+        direct = DirectClient(session, fake_port)
+        for name in plan.transports:
+            log(f"transport {name}")
+            result["transports"][name] = await transport_phases(bench, name, ports, direct)
+        if hist_ids:
+            log("history")
+            result["history"] = await history_phase(bench, ports, hist_ids, server.pid)
+        if plan.profile_seconds:
+            for name in plan.profile_transports:
+                log(f"profile {name}")
+                result["transports"][name]["profile"] = await profile_phase(
+                    bench, name, ports, server.pid, tmp)
+        server.stop()
+        if plan.memory_streams and plan.memory_transports:
+            slow, slow_port = procs.start_fake(tmp, "fake-slow", PIECES, plan.slow_interval)
+            started.append(slow)
+            result["memory"] = {}
+            for name in plan.memory_transports:
+                log(f"memory {name}")
+                try:
+                    result["memory"][name] = await memory_phase(bench, name, slow_port)
+                except Exception as e:  # noqa: BLE001 - reported as a failed row
+                    log(f"  memory {name} failed: {e!r}")
+                    result["memory"][name] = {"error": repr(e)[:300], "held": False}
+    finally:
+        await session.close()
+        for p in reversed(started):
+            p.stop()
+    result["machine"]["loadavg_end"] = os.getloadavg()
+    result["duration_s"] = round(time.time() - t_start, 1)
+    result["targets"] = targets(result)
+    if not args.keep:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return result
+
+
+def _commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke check, under 2 minutes")
+    parser.add_argument("--transports", help=f"comma-separated subset of {','.join(ORDER)}")
+    parser.add_argument("--no-docs", action="store_true", help="do not write docs/benchmarks.md")
+    parser.add_argument("--docs", action="store_true", help="write docs/benchmarks.md even with --quick")
+    parser.add_argument("--out", help="the JSON result file")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, profiles)")
+    parser.add_argument("--no-uvloop", action="store_true")
+    args = parser.parse_args(argv)
+    plan = QUICK if args.quick else Plan()
+    if args.transports:
+        chosen = [t.strip() for t in args.transports.split(",") if t.strip()]
+        unknown = set(chosen) - set(ORDER)
+        if unknown:
+            parser.error(f"unknown transports: {', '.join(sorted(unknown))}")
+        plan.transports = chosen
+        plan.memory_transports = [t for t in plan.memory_transports if t in chosen]
+        plan.profile_transports = [t for t in plan.profile_transports if t in chosen]
+    try:
+        import aiohttp  # noqa: F401
+    except ImportError:
+        print("bench: aiohttp is missing: pip install -e '.[bench]'", file=sys.stderr)
+        return 2
+    if not args.no_uvloop:
+        try:
+            import uvloop
+
+            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+        except ImportError:
+            pass
+    result = asyncio.run(main_async(args, plan))
+    os.makedirs(RESULTS, exist_ok=True)
+    out = args.out or os.path.join(RESULTS, "quick.json" if args.quick else "latest.json")
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
+    text = markdown(result)
+    if (not args.quick or args.docs) and not args.no_docs:
+        with open(DOC, "w") as f:
+            f.write(text)
+        log(f"wrote {DOC}")
+    log(f"wrote {out} in {result['duration_s'] / 60:.1f} min")
+    print()
+    for row in result["targets"]:
+        print(f"{'PASS' if row['pass'] else 'FAIL'}  {row['transport']:<10} {row['target']}: "
+              f"{fmt(row['value'])} {row['unit']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
