@@ -210,3 +210,22 @@ class LogCounter:
         self.count += data[:cut].count(self.marker)
         self._tail = data[cut:]
         return self.count
+
+
+def main_thread(pid: int) -> tuple[float, float]:
+    """
+    (seconds on a CPU, seconds runnable but waiting for a CPU) of the
+    process's main thread: for twistd, the reactor thread.  The second one
+    is how much a busy machine delays it.
+    """
+    with open(f"/proc/{pid}/task/{pid}/schedstat") as f:
+        run_ns, wait_ns, _ = f.read().split()
+    return int(run_ns) / 1e9, int(wait_ns) / 1e9
+
+
+def machine_busy() -> float:
+    """CPU seconds used on the whole machine so far (all cores, not idle)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]
+    return (sum(fields[:8]) - idle) / CLK_TCK

@@ -38,6 +38,13 @@ CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
 ]
 
 
+#: leaf frames that are a thread waiting, not working: left out of the shares
+IDLE = (
+    "EPollReactor.doPoll", "Condition.wait", "Event.wait", "Queue.get", "Thread.join",
+    "_wait_once", "Lock.acquire", "select", "poll", "_poll",
+)
+
+
 def _parse(frame: str) -> tuple[str, str]:
     m = _FRAME.match(frame)
     if not m:
@@ -71,6 +78,7 @@ def summarize(raw_text: str, top: int = 15) -> dict[str, Any]:
     inclusive: Counter[str] = Counter()
     categories: Counter[str] = Counter()
     total = 0
+    idle = 0
     for line in raw_text.splitlines():
         line = line.strip()
         if not line:
@@ -86,8 +94,11 @@ def summarize(raw_text: str, top: int = 15) -> dict[str, Any]:
         parsed = [_parse(f) for f in frames]
         # py-spy may prefix process/thread pseudo-frames: keep real ones
         parsed = [(fn, path) for fn, path in parsed if path] or parsed
-        total += count
         fn, path = parsed[-1]
+        if fn in IDLE or fn.endswith(".wait"):
+            idle += count
+            continue
+        total += count
         self_time[f"{fn} ({_short(path)})"] += count
         categories[category(path)] += count
         seen = set()
@@ -105,6 +116,7 @@ def summarize(raw_text: str, top: int = 15) -> dict[str, Any]:
 
     return {
         "samples": total,
+        "idle_samples": idle,
         "self": share(self_time, top),
         "categories": [{"category": k, "share": round(v / total, 4)}
                        for k, v in categories.most_common()],

@@ -127,6 +127,10 @@ class Round:
     window_rate: float
     cpu: dict[str, float]
     lag: list[float]
+    tcp: dict[str, int]
+    upstream_connections: int
+    reactor: tuple[float, float]   # server main thread: on CPU, waiting for a CPU
+    machine: float                 # CPU seconds the whole machine used
 
 
 class Bench:
@@ -136,6 +140,11 @@ class Bench:
         self.session = session
         self.pids: dict[str, int] = {"driver": os.getpid()}
         self._conv = 0
+        #: counts the server's new upstream connections (twisted.web.client logs each)
+        self.upstream_log: procs.LogCounter | None = None
+
+    def _upstream_connections(self) -> int:
+        return self.upstream_log.read() if self.upstream_log is not None else 0
 
     def conversation(self, prefix: str) -> str:
         self._conv += 1
@@ -159,7 +168,11 @@ class Bench:
         started = 0
         last_start = 0.0
         lag = LagMonitor()
+        tcp0 = procs.tcp_counters()
+        conn0 = self._upstream_connections()
         cpu0 = {k: cpu_seconds(p) for k, p in self.pids.items()}
+        react0 = procs.main_thread(self.pids["server"]) if "server" in self.pids else (0.0, 0.0)
+        machine0 = procs.machine_busy()
         t0 = perf_counter()
         deadline = t0 + cap
 
@@ -183,12 +196,18 @@ class Bench:
         await asyncio.gather(*(worker(w) for w in range(concurrency)))
         elapsed = perf_counter() - t0
         cpu1 = {k: cpu_seconds(p) for k, p in self.pids.items()}
+        react1 = procs.main_thread(self.pids["server"]) if "server" in self.pids else (0.0, 0.0)
+        machine1 = procs.machine_busy()
         lags = await lag.stop()
+        tcp1 = procs.tcp_counters()
+        conn1 = self._upstream_connections()
         window = last_start - t0
         in_window = sum(1 for e in ends if e <= last_start)
         rate = in_window / window if window > 0.05 and in_window else len(total) / elapsed
         return Round(side, concurrency, first, total, errors, elapsed, rate,
-                     {k: cpu1[k] - cpu0[k] for k in cpu0}, lags)
+                     {k: cpu1[k] - cpu0[k] for k in cpu0}, lags,
+                     {k: tcp1[k] - tcp0.get(k, 0) for k in tcp1}, conn1 - conn0,
+                     (react1[0] - react0[0], react1[1] - react0[1]), machine1 - machine0)
 
     async def paired(self, server_client: Any, direct: Any, concurrency: int,
                      rounds: int, n: int, label: str) -> dict[str, Any]:
@@ -231,7 +250,19 @@ class Bench:
                 "asks_per_s": round(rates[len(rates) // 2], 1) if rates else None,
                 "asks_per_s_rounds": [round(x, 1) for x in rates],
                 "loop_lag_ms_p99": ms(pct([x for r in rounds for x in r.lag], 99)),
+                "listen_overflows": sum(r.tcp.get("ListenOverflows", 0) for r in rounds),
+                "syn_retransmits": sum(r.tcp.get("TCPSynRetrans", 0) for r in rounds),
             }
+            agg["machine_busy_cores"] = round(sum(r.machine for r in rounds) / elapsed, 2)
+            agg["others_busy_cores"] = round(
+                (sum(r.machine for r in rounds) - sum(sum(r.cpu.values()) for r in rounds))
+                / elapsed, 2)
+            if side == "server":
+                agg["reactor_busy"] = round(sum(r.reactor[0] for r in rounds) / elapsed, 3)
+                agg["reactor_cpu_wait_ms_per_ask"] = (
+                    ms(sum(r.reactor[1] for r in rounds) / asks) if asks else None)
+                agg["upstream_connections_per_ask"] = (
+                    round(sum(r.upstream_connections for r in rounds) / asks, 3) if asks else None)
             for proc in self.pids:
                 used = sum(r.cpu[proc] for r in rounds)
                 if proc == "server" and side == "server":
@@ -320,6 +351,7 @@ async def profile_phase(bench: Bench, name: str, ports: dict[str, int], server_p
     summary["load"] = {"concurrency": concurrency, "asks": len(r.total),
                        "asks_per_s": round(r.window_rate, 1), "errors": len(r.errors)}
     summary["raw_file"] = out
+    summary["busy_threads"] = round(summary.get("samples", 0) / (200 * seconds), 2)
     return summary
 
 
@@ -577,8 +609,9 @@ def markdown(result: dict[str, Any]) -> str:
     L.append("Times in ms. *added* = server − baseline, same percentile.\n")
     L.append("| transport | added p50 c=1 | added p99 c=1 | added p50 c=100 | added p99 c=100 "
              "| asks/s c=50 (× direct) | asks/s saturation (direct) | server CPU ms/ask c=50 "
-             "| c=1 | c=100 | driver CPU ms/ask | errors |")
-    L.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+             "| c=1 | c=100 | new upstream connections per ask c=50 | SYN retransmits c=100 "
+             "| driver CPU ms/ask | errors |")
+    L.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, t in result["transports"].items():
         sat = t["saturation"]
         errs = sum(c["server"]["errors"] for k, c in t.items()
@@ -592,6 +625,9 @@ def markdown(result: dict[str, Any]) -> str:
             f"{fmt(t['c50']['server']['server_cpu_ms_per_ask'])} | "
             f"{fmt(t['c1']['server']['server_cpu_ms_per_ask'])} | "
             f"{fmt(t['c100']['server']['server_cpu_ms_per_ask'])} | "
+            f"{fmt(t['c50']['server'].get('upstream_connections_per_ask'))} | "
+            f"{t['c100']['server'].get('syn_retransmits')} (direct "
+            f"{t['c100']['direct'].get('syn_retransmits')}) | "
             f"{fmt(t['c50']['server']['driver_cpu_ms_per_ask'])} | {errs} |")
     L.append("")
     first = next(iter(result["transports"].values()))
@@ -661,8 +697,9 @@ def markdown(result: dict[str, Any]) -> str:
             continue
         load = p.get("load", {})
         L.append(f"### {name}\n")
-        L.append(f"{p['samples']} samples, {load.get('asks_per_s')} asks/s at "
-                 f"c={load.get('concurrency')}.\n")
+        L.append(f"{p['samples']} busy samples ({p.get('idle_samples', 0)} idle left out; "
+                 f"on average {p.get('busy_threads')} server threads running Python), "
+                 f"{load.get('asks_per_s')} asks/s at c={load.get('concurrency')}.\n")
         L.append("| by part | share |  | self (top 10) | share |")
         L.append("|---|---|---|---|---|")
         cats = p["categories"][:10]
@@ -702,7 +739,7 @@ async def main_async(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "mode": "quick" if args.quick else "full",
         "machine": procs.machine(),
-        "commit": _commit(),
+        "commit": args.commit or _commit(),
         "plan": asdict(plan),
         "upstream": {"pieces": PIECES, "interval_s": INTERVAL},
         "transports": {},
@@ -727,6 +764,8 @@ async def main_async(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
         log(f"fake pid {fake.pid} port {fake_port}; server pid {server.pid} ports {ports}")
         bench = Bench(plan, tmp, session)
         bench.pids.update({"server": server.pid, "fake": fake.pid})
+        bench.upstream_log = procs.LogCounter(server.log_path,
+                                              b"Starting factory _HTTP11ClientFactory")
         direct = DirectClient(session, fake_port)
         for name in plan.transports:
             log(f"transport {name}")
@@ -780,6 +819,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="the JSON result file")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, profiles)")
     parser.add_argument("--no-uvloop", action="store_true")
+    parser.add_argument("--commit", help="the commit measured, when not run from a git checkout")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else Plan()
     if args.transports:

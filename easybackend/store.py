@@ -165,6 +165,9 @@ class Dialect(Protocol):
     begin_write: ClassVar[str | None]
     #: appended to a SELECT that is about to update the rows it reads
     for_update: ClassVar[str]
+    #: check a pooled connection is alive before a write, so that a write
+    #: on a dead one fails before anything is sent and can be retried
+    probe_before_write: ClassVar[bool]
     migrations: ClassVar[tuple[tuple[str, ...], ...]]
 
     def check_path(self, target: str) -> None: ...
@@ -192,6 +195,7 @@ class SQLiteDialect:
     begin_write: ClassVar[str | None] = "BEGIN IMMEDIATE"
     #: the write lock already covers every row
     for_update: ClassVar[str] = ""
+    probe_before_write: ClassVar[bool] = False
     migrations: ClassVar[tuple[tuple[str, ...], ...]] = _migrations(real="REAL")
 
     def pool_arguments(
@@ -299,6 +303,7 @@ class PostgresDialect:
     module: ClassVar[str] = "psycopg"
     begin_write: ClassVar[str | None] = None
     for_update: ClassVar[str] = " FOR UPDATE"
+    probe_before_write: ClassVar[bool] = True
     migrations: ClassVar[tuple[tuple[str, ...], ...]] = _migrations(
         real="DOUBLE PRECISION"
     )
@@ -417,6 +422,10 @@ def dialect_for(target: str) -> Dialect:
 
 
 # --- conversation locks ----------------------------------------------------------
+
+
+class _DeadConnection(Exception):
+    """A pooled connection was found dead before a write was sent."""
 
 
 @define
@@ -886,7 +895,7 @@ class Store:
 
     def ping(self) -> "Deferred[None]":
         """Fire once the database answers a trivial query (readiness)."""
-        return self._run(self._ping)
+        return self._read(self._ping)
 
     def _ping(self, txn: Any) -> None:
         txn.execute("SELECT 1")
@@ -917,14 +926,70 @@ class Store:
             self._lost
         )
 
+    def _read(self, interaction: Callable[..., Any], *args: Any) -> "Deferred[Any]":
+        """
+        Run a read-only C{interaction}; when its connection turns out to be
+        dead (the database restarted, or cut the session), run it again on
+        another, up to the pool's size, so that dead pooled connections do
+        not fail an ask while the database is back.
+        Writes are not retried: a connection lost during COMMIT leaves it
+        unknown whether the write happened.
+        """
+        tries = [self._pool.max]
+
+        def again(failure: Failure) -> "Deferred[Any]":
+            failure.trap(StoreUnavailable)
+            tries[0] -= 1
+            if tries[0] <= 0:
+                return failure
+            # Each pooled connection may be dead: try until a fresh one answers.
+            return self._run(interaction, *args).addErrback(again)
+
+        return self._run(interaction, *args).addErrback(again)
+
     def _lost(self, failure: Failure) -> Failure:
         """Turn the driver's errors for a lost database into L{StoreUnavailable}."""
         error = failure.value
-        if isinstance(error, adbapi.ConnectionLost) or (
+        if isinstance(error, _DeadConnection):
+            error = error.args[0]
+        if isinstance(error, (adbapi.ConnectionLost, _DeadConnection)) or (
             isinstance(error, Exception) and self._dialect.unavailable(error)
         ):
             raise StoreUnavailable(f"the database is unavailable: {error}") from error
         return failure
+
+    def _write(self, interaction: Callable[..., Any], *args: Any) -> "Deferred[Any]":
+        """
+        Run a writing C{interaction} in one transaction.  On a server
+        database the connection is probed first: if it is dead, nothing was
+        sent, so the write runs again on another connection (up to the
+        pool's size).
+        """
+        if not self._dialect.probe_before_write:
+            return self._run(interaction, *args)
+
+        def probed(txn: Any, *a: Any) -> Any:
+            try:
+                txn.execute("SELECT 1")
+                txn.fetchall()
+            except Exception as e:
+                if self._dialect.unavailable(e):
+                    raise _DeadConnection(e) from e
+                raise
+            return interaction(txn, *a)
+
+        tries = [self._pool.max]
+
+        def again(failure: Failure) -> "Deferred[Any]":
+            failure.trap(_DeadConnection)
+            tries[0] -= 1
+            if tries[0] <= 0:
+                return failure
+            # Each pooled connection may be dead: try until a fresh one answers.
+            return self._pool.runInteraction(probed, *args).addErrback(again)
+
+        return self._pool.runInteraction(probed, *args).addErrback(again).addErrback(
+            self._lost)
 
     # -- helpers run on the pool's thread ------------------------------------
 
@@ -951,7 +1016,7 @@ class Store:
 
     def get_conversation(self, cid: str) -> "Deferred[Conversation | None]":
         """The conversation C{cid}, or C{None} if there is none."""
-        return self._run(self._fetch_conversation, cid)
+        return self._read(self._fetch_conversation, cid)
 
     def get_message(
         self, cid: str, message_id: str
@@ -960,7 +1025,7 @@ class Store:
         The message C{message_id} if it belongs to conversation C{cid}, else
         C{None}.
         """
-        return self._run(self._get_message, cid, message_id)
+        return self._read(self._get_message, cid, message_id)
 
     def _get_message(self, txn: Any, cid: str, message_id: str) -> Message | None:
         self._execute(
@@ -978,7 +1043,7 @@ class Store:
         one query.  Empty when C{leaf_id} is C{None} or is not a message of
         conversation C{cid}.
         """
-        return self._run(self._branch, cid, leaf_id)
+        return self._read(self._branch, cid, leaf_id)
 
     def _branch(self, txn: Any, cid: str, leaf_id: str | None) -> list[Message]:
         if leaf_id is None:
@@ -1004,7 +1069,7 @@ class Store:
         where, params = "", [limit, offset]
         if owner is not None:
             where, params = "WHERE owner = ? ", [owner, limit, offset]
-        return self._run(
+        return self._read(
             self._list,
             f"SELECT {_CONVERSATION_COLUMNS} FROM conversations {where}"
             "ORDER BY updated DESC, id LIMIT ? OFFSET ?",
@@ -1029,7 +1094,7 @@ class Store:
         new (prompt, answer) message ids.  L{NotFound}, storing nothing,
         when C{turn.parent_id} is not a message of the conversation.
         """
-        return self._run(
+        return self._write(
             self._commit_turn, turn, now, system_tokens
         )
 
@@ -1087,7 +1152,7 @@ class Store:
             return fail(BadRequest("a conversation needs at least one turn"))
         if len({t.conversation_id for t in turns}) != 1:
             return fail(BadRequest("the turns belong to more than one conversation"))
-        return self._run(
+        return self._write(
             self._import, turns, now, model, system_tokens
         )
 
@@ -1172,7 +1237,7 @@ class Store:
 
     def delete_conversation(self, cid: str) -> "Deferred[bool]":
         """Delete a conversation and all its messages; True if it existed."""
-        return self._run(self._delete, cid)
+        return self._write(self._delete, cid)
 
     def _delete(self, txn: Any, cid: str) -> bool:
         self._begin_write(txn)
@@ -1191,7 +1256,7 @@ class Store:
         """
         if isinstance(turns, bool) or not isinstance(turns, int) or turns < 1:
             return fail(BadRequest('"turns" must be an integer of at least 1'))
-        return self._run(self._rollback, cid, turns)
+        return self._write(self._rollback, cid, turns)
 
     def _rollback(self, txn: Any, cid: str, turns: int) -> Conversation:
         self._begin_write(txn)

@@ -18,12 +18,15 @@ logged, and what the database holds.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import sqlite3
 from contextlib import closing
 from typing import Any
 
 from attrs import frozen
+from autobahn.twisted.websocket import WebSocketClientProtocol
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredQueue, gatherResults
 from twisted.internet.protocol import Protocol
@@ -36,6 +39,7 @@ from easybackend.testing.clients import (
     WSClient,
     ask_http,
     connect_ws,
+    raw_grpc,
 )
 from easybackend.testing.fake_upstream import (
     FakeUpstream,
@@ -97,6 +101,7 @@ class Rig:
         default: Scenario = Stream(pieces=4),
         *,
         grpc_workers: int = 8,
+        grpc_max_message: int = 1024 * 1024,
         client_threads: int = 8,
         ws_clients: int = 1,
         upstream: Any = None,
@@ -137,7 +142,8 @@ class Rig:
             testcase, self.core, websocket=websocket_resource(factory))
 
         service = GrpcService(self.core, "127.0.0.1:0", workers=grpc_workers,
-                              grace=0.2, health_interval=3600)
+                              grace=0.2, health_interval=3600,
+                              max_message_size=grpc_max_message)
         service.startService()
         testcase.addCleanup(
             lambda: within(service.stopService(), 30) if service.running else None)
@@ -850,6 +856,8 @@ class CrashTests(TestCase):
 
 #: schemathesis examples per operation and mode (positive, negative)
 API_EXAMPLES = 25
+#: hypothesis's WebSocket frames
+WS_FUZZ = 300
 
 
 def fuzz_http_api(base_url: str, examples: int) -> tuple[int, list[str]]:
@@ -863,11 +871,13 @@ def fuzz_http_api(base_url: str, examples: int) -> tuple[int, list[str]]:
     import requests
     import schemathesis
     from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis.errors import Unsatisfiable
     from schemathesis import GenerationMode
 
     schema = schemathesis.openapi.from_url(f"{base_url}/openapi.json")
     session = requests.Session()
     problems: list[str] = []
+    skipped: list[str] = []
     calls = [0]
     for result in schema.get_all_operations():
         operation = result.ok()
@@ -884,7 +894,9 @@ def fuzz_http_api(base_url: str, examples: int) -> tuple[int, list[str]]:
             @given(case=strategy)
             def run(case: Any) -> None:
                 calls[0] += 1
-                response = case.call(base_url=base_url, session=session, timeout=15)
+                # a connection per request: none is left open when the test ends
+                response = case.call(base_url=base_url, session=session, timeout=15,
+                                     headers={"Connection": "close"})
                 where = (f"{mode.value} {case.method} {response.request.path_url} "
                          f"body={case.body!r:.200} headers={case.headers!r:.200}")
                 if response.status_code >= 500:
@@ -894,7 +906,12 @@ def fuzz_http_api(base_url: str, examples: int) -> tuple[int, list[str]]:
                     problems.append(f"{where} -> {response.status_code} not a JSON error: "
                                     f"{response.text[:200]!r}")
 
-            run()
+            try:
+                run()
+            except Unsatisfiable:
+                # nothing to generate: no negative case for a route
+                # without parameters or body
+                skipped.append(f"{operation.label} {mode.value}")
     session.close()
     return calls[0], problems
 
@@ -930,3 +947,509 @@ class BadInputTests(TestCase):
         self.assertEqual(rig.log.failures(), [])
         after = await rig.ask("http", "after-fuzz", "still there?")
         self.assertTrue(after.ok, after)
+
+    async def test_http_hostile_bodies(self) -> None:
+        """
+        When HTTP bodies are hostile in ways a schema does not describe
+        (JSON nested past the parser's depth, lone surrogates, numbers out
+        of every range, bytes that are not UTF-8), then each gets a 4xx
+        JSON error or an answer, never a 5xx, nothing unexpected is logged,
+        and the server still answers.
+        """
+        from easybackend.offline import OfflineUpstream
+        from tests.test_web import call
+
+        rig = await Rig.start(self, upstream=OfflineUpstream(reactor, interval=0))
+        seeded = await rig.ask("http", "seeded", "first")
+        self.assertTrue(seeded.ok, seeded)
+        deep = b"[" * 100_000 + b"]" * 100_000
+        chat = b'{"model": "m", "messages": [{"role": "user", "content": %s}]%s}'
+        cases: list[tuple[str, str, bytes, dict[str, list[str]] | None]] = [
+            ("POST", "/ask/new", b"[" * 100_000, None),
+            ("POST", "/ask/new", deep, None),
+            ("POST", "/ask/new", b'{"prompt": ' + deep + b"}", None),
+            ("POST", "/ask/sur", b'{"prompt": "\\ud800"}', None),
+            ("POST", "/ask/sur", b'{"prompt": "x", "system_prompt": "\\udfff"}', None),
+            ("POST", "/ask/sur", b'{"prompt": "x", "model": "\\ud800\\udc00\\ud800"}', None),
+            ("POST", "/ask/sur", b'{"prompt": "x", "parent_id": "\\ud800"}', None),
+            ("POST", "/ask/num", b'{"prompt": "x", "max_tokens": 1e400}', None),
+            ("POST", "/ask/num", b'{"prompt": "x", "max_tokens": 1' + b"0" * 40 + b"}", None),
+            ("POST", "/ask/num", b'{"prompt": "x", "temperature": NaN}', None),
+            ("POST", "/ask/num", b'{"prompt": "x", "temperature": -Infinity}', None),
+            ("POST", "/ask/utf8", b'{"prompt": "\xff\xfe"}', None),
+            ("POST", "/ask/utf8", b'\xef\xbb\xbf{"prompt": "bom"}', None),
+            ("POST", "/conversations/seeded/rollback", b'{"turns": 1' + b"0" * 40 + b"}", None),
+            ("POST", "/conversations/seeded/rollback", b'{"turns": 1e400}', None),
+            ("POST", "/conversations/seeded/rollback", b"[" * 100_000, None),
+            ("GET", "/conversations?limit=5&offset=1" + "0" * 40, b"", None),
+            ("GET", "/conversations?limit=1" + "0" * 40, b"", None),
+            ("GET", "/conversations?limit=%ff&offset=-0", b"", None),
+            ("POST", "/v1/chat/completions", b"[" * 100_000, None),
+            ("POST", "/v1/chat/completions", chat % (b'"\\ud800"', b""), None),
+            ("POST", "/v1/chat/completions", chat % (b'"x"', b', "max_tokens": 1' + b"0" * 40), None),
+            ("POST", "/v1/chat/completions", chat % (b'"x"', b', "stream": true, "n": 1e400'), None),
+            ("POST", "/v1/chat/completions", chat % (b'"x"', b""), {"X-Conversation-Id": ["\xff"]}),
+            ("POST", "/ask/hdr", b'{"prompt": "x"}', {"X-Request-Id": ["\xff\x7f" * 100]}),
+        ]
+        problems = []
+        for method, path, raw, headers in cases:
+            code, body, _ = await call(method, rig.http + path, raw=raw, headers=headers)
+            if code >= 500 or (code >= 400 and not (isinstance(body, dict) and "error" in body)):
+                problems.append(f"{method} {path[:60]} {raw[:60]!r}: {code} {body!r:.200}")
+        self.assertEqual(problems, [])
+        self.assertEqual(rig.log.failures(), [])
+        self.assertEqual(rig.stored("seeded"), turns(("first", seeded.text)))
+        after = await rig.ask("http", "after", "still there?")
+        self.assertTrue(after.ok, after)
+
+    async def test_websocket_hypothesis(self) -> None:
+        """
+        When a WebSocket client sends hypothesis's frames (JSON objects,
+        asks with wrong or missing fields, other JSON, text, the old text
+        protocol, binary), then each gets an error message or a valid
+        answer, the connection is never dropped, nothing unexpected is
+        logged, and the server still answers.
+        """
+        from twisted.internet.threads import deferToThread
+
+        from easybackend.offline import OfflineUpstream
+
+        rig = await Rig.start(self, upstream=OfflineUpstream(reactor, interval=0))
+        client = await FrameRecorder.connect(rig.ws_port)
+        self.addCleanup(lambda: None if client.closed.called else (
+            client.sendClose(), within(client.closed))[1])
+        count, problems = await within(deferToThread(fuzz_websocket, client, WS_FUZZ), 200)
+        self.assertEqual(problems[:10], [])
+        self.assertGreaterEqual(count, WS_FUZZ)
+        self.assertFalse(client.closed.called)
+        self.assertEqual(rig.log.failures(), [])
+        after = await rig.ask("websocket", "after-fuzz", "still there?")
+        self.assertTrue(after.ok, after)
+
+
+class FrameRecorder(WebSocketClientProtocol):
+    """A WebSocket client that keeps every message it gets, in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.received: list[Any] = []
+        self.changed: DeferredQueue[None] = DeferredQueue()
+        self.closed: Deferred[tuple[bool, Any, Any]] = Deferred()
+
+    def onOpen(self) -> None:
+        self.factory.opened.callback(self)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        text = payload.decode("utf-8")
+        try:
+            self.received.append(json.loads(text))
+        except ValueError:
+            self.received.append(text)
+        self.changed.put(None)
+
+    def onClose(self, wasClean: bool, code: Any, reason: Any) -> None:
+        if not self.factory.opened.called:
+            self.factory.opened.errback(ConnectionError(reason))
+        self.closed.callback((wasClean, code, reason))
+        self.changed.put(None)
+
+    @classmethod
+    async def connect(cls, port: int) -> "FrameRecorder":
+        from autobahn.twisted.websocket import WebSocketClientFactory
+        from twisted.internet.endpoints import clientFromString
+
+        factory = WebSocketClientFactory(f"ws://127.0.0.1:{port}/")
+        factory.protocol = cls
+        factory.opened = Deferred()
+        await within(clientFromString(reactor, f"tcp:127.0.0.1:{port}").connect(factory))
+        return await within(factory.opened)
+
+    async def until(self, test: Any, start: int = 0, timeout: float = 10.0) -> int:
+        """Wait until C{test(message)} holds for a message from C{start} on; its index."""
+        while True:
+            for index in range(start, len(self.received)):
+                if test(self.received[index]):
+                    return index
+            start = len(self.received)
+            if self.closed.called:
+                raise AssertionError(f"connection closed: {self.closed.result}")
+            await within(self.changed.get(), timeout)
+
+
+#: the error codes a WebSocket client may be told (docs/websocket.md)
+WS_CODES = {"bad_request", "not_found", "rate_limited", "prompt_too_long", "no_upstream",
+            "upstream_error", "upstream_unavailable", "upstream_rate_limited",
+            "upstream_timeout", "conversation_busy"}
+
+
+def _is_barrier_reply(message: Any) -> bool:
+    return (isinstance(message, dict) and message.get("type") == "error"
+            and message.get("id") is None and "barrier" in str(message.get("message")))
+
+
+def _valid_id(value: Any) -> bool:
+    return (isinstance(value, int) and not isinstance(value, bool)) or (
+        isinstance(value, str) and bool(value))
+
+
+def _show(frame: tuple[str, Any]) -> str:
+    text = repr(frame)
+    return text if len(text) <= 160 else f"{text[:120]}...({len(text)} characters)"
+
+
+async def ws_exchange(client: FrameRecorder, frame: tuple[str, Any]) -> str | None:
+    """
+    Send one frame, then a barrier (an unknown type, whose error reply comes
+    after the replies to everything sent before it).  The frame must get a
+    reply (a JSON error, or an answer), except a C{cancel} of nothing; an
+    ask it started must end with C{done} or a documented error.  Returns
+    what was wrong, or None.
+    """
+    kind, payload = frame
+    mark = len(client.received)
+    if kind == "binary":
+        client.sendMessage(payload, isBinary=True)
+    else:
+        client.sendMessage(payload.encode("utf-8"))
+    client.sendMessage(b'{"type": "barrier"}')
+    while True:
+        barrier = next((i for i in range(mark, len(client.received))
+                        if _is_barrier_reply(client.received[i])), None)
+        if barrier is not None:
+            break
+        if client.closed.called:
+            return f"{_show(frame)}: the connection closed: {client.closed.result}"
+        await within(client.changed.get(), 10)
+    replies = client.received[mark:barrier]
+    for reply in replies:
+        if isinstance(reply, dict) and reply.get("type") == "error":
+            if reply.get("code") not in WS_CODES or not reply.get("message"):
+                return f"{_show(frame)}: unclear error {reply!r}"
+
+    # What the server should have made of the frame.
+    if kind == "binary":
+        expected = "error"
+    else:
+        try:
+            message = json.loads(payload)
+            is_json = not payload.startswith("<|ask|>")
+        except ValueError:
+            message, is_json = None, payload.lstrip()[:1] in ("{", "[")
+        if not is_json:
+            text_ask = payload.startswith("<|ask|>$") and "$" in payload[8:]
+            expected = "text-ask" if text_ask else "text-error"
+        elif (isinstance(message, dict) and message.get("type") == "cancel"
+              and _valid_id(message.get("id"))):
+            expected = "nothing"
+        elif (isinstance(message, dict) and message.get("type") == "ask"
+              and _valid_id(message.get("id"))):
+            expected = "ask"
+        else:
+            expected = "error"
+
+    if expected == "nothing":
+        return f"{_show(frame)}: unexpected replies {replies!r}" if replies else None
+    if expected == "error":
+        if len(replies) != 1 or not isinstance(replies[0], dict) or replies[0].get("type") != "error":
+            return f"{_show(frame)}: expected one error, got {replies!r}"
+        return None
+    if expected == "text-error":
+        if len(replies) != 1 or not str(replies[0]).startswith("<|err|>$"):
+            return f"{_show(frame)}: expected one <|err|>, got {replies!r}"
+        return None
+    if expected == "text-ask":
+        if any(str(r).startswith("<|err|>$") for r in replies):
+            return None  # refused at once: a bad id or an empty prompt
+        try:
+            end = await client.until(
+                lambda m: m == "<|end|>" or str(m).startswith("<|err|>$"), barrier)
+        except Exception as e:
+            return f"{_show(frame)}: the text ask never ended: {e!r}"
+        if client.received[end] != "<|end|>":
+            return f"{_show(frame)}: the text ask failed: {client.received[end]!r}"
+        return None
+    # a JSON ask: refused at once, or answered
+    ask_id = message["id"]
+    if any(isinstance(r, dict) and r.get("type") == "error" and r.get("id") == ask_id
+           for r in replies):
+        return None
+    try:
+        end = await client.until(
+            lambda m: isinstance(m, dict) and m.get("id") == ask_id
+            and m.get("type") in ("done", "error", "cancelled"), mark)
+    except Exception as e:
+        return f"{_show(frame)}: the ask never ended: {e!r}"
+    final = client.received[end]
+    if final["type"] == "cancelled" or (final["type"] == "error"
+                                        and final.get("code") not in WS_CODES):
+        return f"{_show(frame)}: the ask ended with {final!r}"
+    return None
+
+
+def ws_frames() -> Any:
+    """Hypothesis: frames a WebSocket client might send, mostly wrong."""
+    from hypothesis import strategies as st
+
+    scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
+    values = st.recursive(
+        scalars, lambda inner: st.lists(inner, max_size=3)
+        | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=6)
+    ids = st.text(max_size=8) | st.integers() | values
+    cids = (st.just("new") | st.from_regex(r"[A-Za-z0-9._:-]{1,12}", fullmatch=True)
+            | st.text(max_size=140) | values)
+    asks = st.fixed_dictionaries(
+        {"type": st.sampled_from(["ask", "cancel"]) | values},
+        optional={"id": ids, "conversation_id": cids, "prompt": st.text(max_size=40) | values,
+                  "system_prompt": st.text(max_size=20) | values,
+                  "model": st.text(max_size=20) | values,
+                  "temperature": st.floats() | st.integers() | values,
+                  "max_tokens": st.integers() | values,
+                  "parent_id": st.text(max_size=20) | values})
+    return st.one_of(
+        asks.map(lambda m: ("text", json.dumps(m))),
+        values.map(lambda v: ("text", json.dumps(v))),
+        st.text(max_size=80).map(lambda t: ("text", t)),
+        st.builds(lambda c, p: ("text", f"<|ask|>${c}${p}"),
+                  st.text(max_size=12), st.text(max_size=30)),
+        st.binary(max_size=80).map(lambda b: ("binary", b)),
+    )
+
+
+#: frames worth sending every run, whatever hypothesis draws
+WS_EXAMPLES = [
+    ("text", '{"type": "ask", "id": "s", "conversation_id": "sur", "prompt": "\\ud800"}'),
+    ("text", '{"type": "ask", "id": "s2", "conversation_id": "sur", "prompt": "x",'
+             ' "system_prompt": "\\udfff", "model": "\\ud800"}'),
+    ("text", '{"type": "ask", "id": "nan", "conversation_id": "n", "prompt": "x",'
+             ' "temperature": NaN}'),
+    ("text", '{"type": "ask", "id": "inf", "conversation_id": "n", "prompt": "x",'
+             ' "max_tokens": 1e400}'),
+    ("text", '{"type": "ask", "id": "big", "conversation_id": "n", "prompt": "x",'
+             ' "max_tokens": 100000000000000000000000000000}'),
+    ("text", '{"type": "ask", "id": 100000000000000000000000000000,'
+             ' "conversation_id": "n", "prompt": "x"}'),
+    ("text", '{"type": "ask", "id": "deep", "conversation_id": "n", "prompt": '
+             + "[" * 5000 + "]" * 5000 + "}"),
+    ("text", "[" * 100000),
+    ("text", "[" * 100000 + "]" * 100000),
+    ("text", '{"type": "ask", "id": "p", "conversation_id": "new", "prompt": "x",'
+             ' "parent_id": "msg_nope"}'),
+    ("text", "<|ask|>$bad id$x"),
+    ("text", "<|ask|>$$x"),
+    ("text", "<|ask|>$ok$"),
+    ("text", "<|ask|>$ok$\u0000\u202e\ufeff"),
+    ("binary", b"\xff\xfe"),
+]
+
+
+def fuzz_websocket(client: FrameRecorder, examples: int) -> tuple[int, list[str]]:
+    """Run hypothesis's frames through L{ws_exchange}; blocks (a thread)."""
+    from hypothesis import HealthCheck, Phase, example, given, settings
+    from twisted.internet.threads import blockingCallFromThread
+
+    problems: list[str] = []
+    count = [0]
+
+    def run(frame: tuple[str, Any]) -> None:
+        count[0] += 1
+        problem = blockingCallFromThread(
+            reactor, lambda: Deferred.fromCoroutine(ws_exchange(client, frame)))
+        if problem is not None:
+            problems.append(problem)
+
+    for frame in WS_EXAMPLES:
+        run = example(frame=frame)(run)
+    run = given(frame=ws_frames())(run)
+    run = settings(max_examples=examples, deadline=None, database=None, derandomize=True,
+                   phases=[Phase.explicit, Phase.generate],
+                   suppress_health_check=list(HealthCheck))(run)
+    run()
+    return count[0], problems
+
+
+class StdlibLogCapture(logging.Handler):
+    """What grpcio logs through the standard library (it does not use Twisted's log)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def install(self, testcase: TestCase, name: str = "grpc") -> "StdlibLogCapture":
+        logger = logging.getLogger(name)
+        logger.addHandler(self)
+        testcase.addCleanup(logger.removeHandler, self)
+        return self
+
+    def texts(self) -> list[str]:
+        return [f"{r.name}: {r.getMessage()}" for r in self.records]
+
+    def unexpected(self) -> list[str]:
+        """
+        All but grpcio's own notes on a client's bad bytes (a message it
+        cannot parse, metadata that is not UTF-8), which it logs where a
+        NullHandler drops them; a servicer's exception would be here.
+        """
+        return [text for text in self.texts() if not text.startswith((
+            "grpc._common: Exception deserializing message!",
+            "grpc._cython.cygrpc: Invalid encoding on "))]
+
+
+#: request messages that are not an AskRequest, as raw bytes
+NOT_ASK_REQUESTS = [
+    b"\xff\xff\xff\xff\xff",  # not a tag
+    b"\x0a\x05ab",  # prompt: 5 bytes announced, 2 sent
+    b"\x0a\x02\xff\xfe",  # prompt: not UTF-8
+    b"\x0d\x00\x00\x00\x00",  # prompt as a fixed32: the wrong wire type
+    b"\x12\xff\xff\xff\xff\x0f",  # conversation_id of 4 GiB
+    b"\x0a\x01x" + b"\x80" * 11,  # a varint too long
+]
+
+
+class GrpcBadInputTests(TestCase):
+    """gRPC requests that are wrong in every way but the transport."""
+
+    timeout = 120
+
+    async def test_requests_that_are_not_ask_requests(self) -> None:
+        """
+        When a client sends bytes that do not parse as an C{AskRequest},
+        then it gets a status that is not OK, nothing is stored, nothing
+        unexpected is in the server's log, and the server still serves.
+        """
+        from easybackend.offline import OfflineUpstream
+
+        rig = await Rig.start(self, upstream=OfflineUpstream(reactor, interval=0))
+        stdlib = StdlibLogCapture().install(self)
+        ask_raw = rig.grpc.channel.unary_stream(
+            "/chat.Chat/Ask", request_serializer=lambda b: b,
+            response_deserializer=lambda b: b)
+        for raw in NOT_ASK_REQUESTS:
+            outcome = await within(rig.grpc.run(_read_raw, ask_raw, raw))
+            self.assertNotEqual(outcome[0], "OK", raw)
+            self.assertIn(outcome[0], ("INVALID_ARGUMENT", "INTERNAL"), (raw, outcome))
+        with closing(sqlite3.connect(rig.db)) as c:
+            self.assertEqual(c.execute("SELECT count(*) FROM messages").fetchone(), (0,))
+        self.assertEqual(rig.log.failures(), [])
+        after = await rig.ask("grpc", "after", "still there?")
+        self.assertTrue(after.ok, after)
+        # grpcio notes why it could not parse each (through the standard
+        # library, where a NullHandler drops it); nothing else is logged.
+        self.assertEqual(stdlib.unexpected(), [])
+        self.assertTrue(stdlib.texts())
+
+    async def test_huge_and_wrong_fields(self) -> None:
+        """
+        When the fields are huge or wrong, then each call gets a clear
+        status (INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED over the
+        message limit), nothing half-done is stored, and the server goes
+        on serving.
+        """
+        from easybackend.offline import OfflineUpstream
+
+        rig = await Rig.start(self, upstream=OfflineUpstream(reactor, interval=0))
+        stdlib = StdlibLogCapture().install(self)
+        mib = 1024 * 1024
+        cases = [
+            ({"prompt": "x" * (2 * mib)}, "RESOURCE_EXHAUSTED", None),
+            ({"prompt": "word " * 190_000}, "INVALID_ARGUMENT", "prompt_too_long"),
+            ({"prompt": "x", "conversation_id": "c" * 100_000}, "INVALID_ARGUMENT", "bad_request"),
+            ({"prompt": "x", "conversation_id": "a/../b"}, "INVALID_ARGUMENT", "bad_request"),
+            ({"prompt": "x", "parent_id": "p" * 20_000}, "NOT_FOUND", "not_found"),
+            ({"prompt": "x", "max_tokens": 0}, "INVALID_ARGUMENT", "bad_request"),
+            ({"prompt": "x", "max_tokens": -5}, "INVALID_ARGUMENT", "bad_request"),
+            ({"prompt": "x", "temperature": float("nan")}, "INVALID_ARGUMENT", "bad_request"),
+            ({"prompt": "x", "temperature": float("inf")}, "INVALID_ARGUMENT", "bad_request"),
+            ({"prompt": "x", "temperature": -0.5}, "INVALID_ARGUMENT", "bad_request"),
+            ({"prompt": "   \n\t "}, "INVALID_ARGUMENT", "bad_request"),
+            ({"prompt": "x", "system_prompt": "word " * 190_000,
+              "conversation_id": "big-system"}, "INVALID_ARGUMENT", "prompt_too_long"),
+        ]
+        for i, (fields, status, code) in enumerate(cases):
+            fields.setdefault("conversation_id", f"huge-{i}")
+            outcome = await within(rig.grpc.ask(**fields), 30)
+            where = (i, status, {k: f"{v!r:.40}" for k, v in fields.items()})
+            self.assertEqual((outcome.ended, outcome.status, outcome.code),
+                             ("error", status, code), (where, outcome.message))
+            self.assertTrue(outcome.message, where)
+        # A huge model name or system prompt that fits is no error.
+        for fields in ({"model": "m" * 300_000}, {"system_prompt": "be brief " * 20_000}):
+            outcome = await within(rig.grpc.ask("fits", "x", **fields), 30)
+            self.assertTrue(outcome.ok, outcome)
+        with closing(sqlite3.connect(rig.db)) as c:
+            self.assertEqual(c.execute("SELECT DISTINCT conversation_id FROM messages").fetchall(),
+                             [("fits",)])
+        self.assertEqual(rig.log.failures(), [])
+        self.assertEqual(stdlib.unexpected(), [])
+        after = await rig.ask("grpc", "after", "still there?")
+        self.assertTrue(after.ok, after)
+
+    async def test_metadata_that_is_not_utf8(self) -> None:
+        """
+        When the C{x-request-id} or C{authorization} metadata holds bytes
+        that are not UTF-8 (sent over a bare HTTP/2 connection, since
+        grpcio's client refuses to), or comes as a C{-bin} key, then an
+        open server answers, a server with API keys refuses with
+        UNAUTHENTICATED, nothing unexpected is logged, and both still serve.
+        """
+        from easybackend.auth import KeyRing
+        from easybackend.offline import OfflineUpstream
+        from easybackend.proto import chat_pb2
+        from easybackend.transports.grpc_server import GrpcService
+        from twisted.internet.threads import deferToThread
+
+        rig = await Rig.start(self, upstream=OfflineUpstream(reactor, interval=0))
+        stdlib = StdlibLogCapture().install(self)
+        keyed = GrpcService(rig.core, "127.0.0.1:0", workers=4, grace=0.2,
+                            health_interval=3600,
+                            keys=KeyRing.parse(["alice:sk-alice-0123456789"], "test"))
+        keyed.startService()
+        self.addCleanup(lambda: within(keyed.stopService(), 30))
+        request = chat_pb2.AskRequest(prompt="hello", conversation_id="meta").SerializeToString()
+        bad = [
+            [(b"x-request-id", b"\xff\xfe\x00req")],
+            [(b"x-request-id", b"\xc3\x28" * 100)],
+            [(b"authorization", b"Bearer \xff\xfe")],
+            [(b"authorization", b"\xc3\x28"), (b"x-request-id", b"\x80")],
+        ]
+        for headers in bad:
+            got = await within(deferToThread(raw_grpc, rig.grpc_port, b"/chat.Chat/Ask",
+                                              request, headers))
+            self.assertEqual(got["trailers"].get(b"grpc-status"), b"0", (headers, got))
+            final = chat_pb2.AskResponse.FromString(got["messages"][-1])
+            self.assertTrue(final.done, headers)
+            got = await within(deferToThread(raw_grpc, keyed.port, b"/chat.Chat/Ask",
+                                              request, headers))
+            self.assertEqual(got["trailers"].get(b"grpc-status"), b"16", (headers, got))
+            self.assertTrue(got["trailers"].get(b"grpc-message"), headers)
+        # A -bin key whose value is not base64: grpcio refuses the call.
+        for port in (rig.grpc_port, keyed.port):
+            got = await within(deferToThread(raw_grpc, port, b"/chat.Chat/Ask", request,
+                                              [(b"x-request-id-bin", b"\xff\xfe")]))
+            self.assertEqual(got["trailers"].get(b"grpc-status"), b"13", got)
+        # Binary values under -bin keys, as grpcio's client sends them.
+        for metadata in ([("x-request-id-bin", b"\xff\xfe")], [("authorization-bin", b"\xff")]):
+            outcome = await within(rig.grpc.ask("meta", "again", metadata=metadata))
+            self.assertTrue(outcome.ok, outcome)
+        # The log: an access line for each, nothing unexpected.
+        self.assertEqual(len(rig.log.access(conversation_id="meta", status="ok")), len(bad) + 2)
+        self.assertEqual(len(rig.log.access(kind="Ask", status="unauthenticated")), len(bad))
+        self.assertEqual(rig.log.failures(), [])
+        self.assertEqual(stdlib.unexpected(), [])
+        # Still serving; the refused calls stored nothing.
+        self.assertEqual(len(rig.stored("meta")), 2 * (len(bad) + 2))
+        after = await rig.ask("grpc", "after", "still there?")
+        self.assertTrue(after.ok, after)
+
+
+def _read_raw(method: Any, raw: bytes) -> tuple[str, str]:
+    """Call C{method} with C{raw}; its status code's name and details."""
+    import grpc
+
+    try:
+        list(method(raw, timeout=10))
+    except grpc.RpcError as e:
+        return e.code().name, e.details() or ""
+    return "OK", ""

@@ -382,11 +382,10 @@ class CrashTests(ReplicaCase):
 class DatabaseLostTests(ReplicaCase):
     """A replica whose database connections are cut."""
 
-    #: Failed asks allowed after the cut.  A weakness of the server: the
-    #: query pool (adbapi, cp_reconnect) notices a dead connection only when
-    #: a call on it fails, so each pooled connection fails one call
-    #: (store_unavailable) before it is replaced: up to --db-pool-size asks.
-    ALLOWED_FAILURES = DEFAULT_POOL_SIZE
+    #: Failed asks allowed after the cut: none.  Reads run again on a fresh
+    #: connection when theirs is dead, and writes probe their connection
+    #: before sending anything, so the pool heals without failing an ask.
+    ALLOWED_FAILURES = 0
 
     async def test_lost_mid_ask(self) -> None:
         """

@@ -1161,19 +1161,19 @@ class RecoveryTests(PostgresCase):
 
     async def test_query_after_restart(self) -> None:
         """
-        When the server drops the pool's connections, then the next call
-        fails with L{StoreUnavailable}, not a driver error, and the calls
-        after it run on a new connection with the data intact.
+        When the server drops the pool's connections while the database
+        stays up, then the next calls run on new connections, reads and
+        writes alike, with the data intact: no call fails for it.
         """
-        store = await self.open(pool_size=1)
+        store = await self.open(pool_size=2)
         _, leaf = await store.commit_turn(turn(), 1.0)
         self.assertEqual(await self.terminate(), 1)
-        error = await self.assertFailure(store.ping(), StoreUnavailable)
-        self.assertIn("unavailable", str(error))
-        self.assertEqual(error.code, "store_unavailable")
-        self.flushLoggedErrors()
+        await store.ping()
+        self.assertGreaterEqual(await self.terminate(), 1)
         await store.commit_turn(turn(parent_id=leaf), 2.0)
         self.assertEqual(await self.raw("SELECT count(*) FROM messages"), [(4,)])
+        # adbapi logs each dead connection's failed rollback
+        self.flushLoggedErrors()
 
     async def test_lost_mid_call(self) -> None:
         """
