@@ -190,26 +190,30 @@ def tcp_counters() -> dict[str, int]:
     return out
 
 
-class LogCounter:
-    """Counts a marker in a growing log file, reading only what is new."""
+class ServerLog:
+    """
+    Reads what is new in the server's log: how many upstream connections
+    it opened (twisted.web.client logs each new one), and the access lines'
+    C{first_piece} (seconds from the core taking the ask to its first piece).
+    """
 
-    def __init__(self, path: str, marker: bytes) -> None:
+    CONNECTION = b"Starting factory _HTTP11ClientFactory"
+    FIRST = re.compile(rb"easybackend\.access#info\] .*? first_piece=([0-9.]+)")
+
+    def __init__(self, path: str) -> None:
         self.path = path
-        self.marker = marker
         self.offset = 0
-        self.count = 0
         self._tail = b""
 
-    def read(self) -> int:
+    def read(self) -> tuple[int, list[float]]:
         with open(self.path, "rb") as f:
             f.seek(self.offset)
             data = f.read()
         self.offset += len(data)
         data = self._tail + data
         cut = data.rfind(b"\n") + 1
-        self.count += data[:cut].count(self.marker)
-        self._tail = data[cut:]
-        return self.count
+        data, self._tail = data[:cut], data[cut:]
+        return data.count(self.CONNECTION), [float(x) for x in self.FIRST.findall(data)]
 
 
 def main_thread(pid: int) -> tuple[float, float]:

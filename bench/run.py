@@ -129,6 +129,7 @@ class Round:
     lag: list[float]
     tcp: dict[str, int]
     upstream_connections: int
+    core_first: list[float]        # the server's own first_piece, from its access log
     reactor: tuple[float, float]   # server main thread: on CPU, waiting for a CPU
     machine: float                 # CPU seconds the whole machine used
 
@@ -140,11 +141,11 @@ class Bench:
         self.session = session
         self.pids: dict[str, int] = {"driver": os.getpid()}
         self._conv = 0
-        #: counts the server's new upstream connections (twisted.web.client logs each)
-        self.upstream_log: procs.LogCounter | None = None
+        #: the server's log: new upstream connections, access lines
+        self.server_log: procs.ServerLog | None = None
 
-    def _upstream_connections(self) -> int:
-        return self.upstream_log.read() if self.upstream_log is not None else 0
+    def _server_log(self) -> tuple[int, list[float]]:
+        return self.server_log.read() if self.server_log is not None else (0, [])
 
     def conversation(self, prefix: str) -> str:
         self._conv += 1
@@ -169,7 +170,7 @@ class Bench:
         last_start = 0.0
         lag = LagMonitor()
         tcp0 = procs.tcp_counters()
-        conn0 = self._upstream_connections()
+        self._server_log()  # skip what came before
         cpu0 = {k: cpu_seconds(p) for k, p in self.pids.items()}
         react0 = procs.main_thread(self.pids["server"]) if "server" in self.pids else (0.0, 0.0)
         machine0 = procs.machine_busy()
@@ -200,13 +201,13 @@ class Bench:
         machine1 = procs.machine_busy()
         lags = await lag.stop()
         tcp1 = procs.tcp_counters()
-        conn1 = self._upstream_connections()
+        connections, core_first = self._server_log()
         window = last_start - t0
         in_window = sum(1 for e in ends if e <= last_start)
         rate = in_window / window if window > 0.05 and in_window else len(total) / elapsed
         return Round(side, concurrency, first, total, errors, elapsed, rate,
                      {k: cpu1[k] - cpu0[k] for k in cpu0}, lags,
-                     {k: tcp1[k] - tcp0.get(k, 0) for k in tcp1}, conn1 - conn0,
+                     {k: tcp1[k] - tcp0.get(k, 0) for k in tcp1}, connections, core_first,
                      (react1[0] - react0[0], react1[1] - react0[1]), machine1 - machine0)
 
     async def paired(self, server_client: Any, direct: Any, concurrency: int,
@@ -258,6 +259,8 @@ class Bench:
                 (sum(r.machine for r in rounds) - sum(sum(r.cpu.values()) for r in rounds))
                 / elapsed, 2)
             if side == "server":
+                core = [x for r in rounds for x in r.core_first]
+                agg["core_first_piece_ms"] = {"p50": ms(pct(core, 50)), "p99": ms(pct(core, 99))}
                 agg["reactor_busy"] = round(sum(r.reactor[0] for r in rounds) / elapsed, 3)
                 agg["reactor_cpu_wait_ms_per_ask"] = (
                     ms(sum(r.reactor[1] for r in rounds) / asks) if asks else None)
@@ -764,8 +767,7 @@ async def main_async(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
         log(f"fake pid {fake.pid} port {fake_port}; server pid {server.pid} ports {ports}")
         bench = Bench(plan, tmp, session)
         bench.pids.update({"server": server.pid, "fake": fake.pid})
-        bench.upstream_log = procs.LogCounter(server.log_path,
-                                              b"Starting factory _HTTP11ClientFactory")
+        bench.server_log = procs.ServerLog(server.log_path)
         direct = DirectClient(session, fake_port)
         for name in plan.transports:
             log(f"transport {name}")

@@ -962,6 +962,9 @@ class BadInputTests(TestCase):
         rig = await Rig.start(self, upstream=OfflineUpstream(reactor, interval=0))
         seeded = await rig.ask("http", "seeded", "first")
         self.assertTrue(seeded.ok, seeded)
+        for turn in ("one", "two"):
+            rolled = await rig.ask("http", "rolled", turn)
+            self.assertTrue(rolled.ok, rolled)
         deep = b"[" * 100_000 + b"]" * 100_000
         chat = b'{"model": "m", "messages": [{"role": "user", "content": %s}]%s}'
         cases: list[tuple[str, str, bytes, dict[str, list[str]] | None]] = [
@@ -978,9 +981,9 @@ class BadInputTests(TestCase):
             ("POST", "/ask/num", b'{"prompt": "x", "temperature": -Infinity}', None),
             ("POST", "/ask/utf8", b'{"prompt": "\xff\xfe"}', None),
             ("POST", "/ask/utf8", b'\xef\xbb\xbf{"prompt": "bom"}', None),
-            ("POST", "/conversations/seeded/rollback", b'{"turns": 1' + b"0" * 40 + b"}", None),
-            ("POST", "/conversations/seeded/rollback", b'{"turns": 1e400}', None),
-            ("POST", "/conversations/seeded/rollback", b"[" * 100_000, None),
+            ("POST", "/conversations/rolled/rollback", b'{"turns": 1' + b"0" * 40 + b"}", None),
+            ("POST", "/conversations/rolled/rollback", b'{"turns": 1e400}', None),
+            ("POST", "/conversations/rolled/rollback", b"[" * 100_000, None),
             ("GET", "/conversations?limit=5&offset=1" + "0" * 40, b"", None),
             ("GET", "/conversations?limit=1" + "0" * 40, b"", None),
             ("GET", "/conversations?limit=%ff&offset=-0", b"", None),
@@ -1133,7 +1136,7 @@ async def ws_exchange(client: FrameRecorder, frame: tuple[str, Any]) -> str | No
         try:
             message = json.loads(payload)
             is_json = not payload.startswith("<|ask|>")
-        except ValueError:
+        except (ValueError, RecursionError):
             message, is_json = None, payload.lstrip()[:1] in ("{", "[")
         if not is_json:
             text_ask = payload.startswith("<|ask|>$") and "$" in payload[8:]
@@ -1168,10 +1171,11 @@ async def ws_exchange(client: FrameRecorder, frame: tuple[str, Any]) -> str | No
         if client.received[end] != "<|end|>":
             return f"{_show(frame)}: the text ask failed: {client.received[end]!r}"
         return None
-    # a JSON ask: refused at once, or answered
+    # a JSON ask: refused at once (one error), or answered
     ask_id = message["id"]
-    if any(isinstance(r, dict) and r.get("type") == "error" and r.get("id") == ask_id
-           for r in replies):
+    if any(isinstance(r, dict) and r.get("type") == "error" for r in replies):
+        if len(replies) != 1 or replies[0].get("id") not in (ask_id, None):
+            return f"{_show(frame)}: expected one error, got {replies!r}"
         return None
     try:
         end = await client.until(
