@@ -14,6 +14,7 @@ _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
 #: (label, test on a frame's file path), first match wins; applied to the
 #: leaf frame for the self-time breakdown
 CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
+    ("model objects (attrs-generated __init__)", ("<attrs generated",)),
     ("JSON encode/decode", ("json/",)),
     ("logging (twisted.logger, access lines)", ("twisted/logger/", "twisted/python/log.py",
                                                 "easybackend/observe.py")),

@@ -130,7 +130,7 @@ class Round:
     tcp: dict[str, int]
     upstream_connections: int
     core_first: list[float]        # the server's own first_piece, from its access log
-    reactor: tuple[float, float]   # server main thread: on CPU, waiting for a CPU
+    sched: dict[str, tuple[float, float]]  # main threads: seconds on a CPU, waiting for one
     machine: float                 # CPU seconds the whole machine used
 
 
@@ -172,7 +172,7 @@ class Bench:
         tcp0 = procs.tcp_counters()
         self._server_log()  # skip what came before
         cpu0 = {k: cpu_seconds(p) for k, p in self.pids.items()}
-        react0 = procs.main_thread(self.pids["server"]) if "server" in self.pids else (0.0, 0.0)
+        sched0 = {k: procs.main_thread(p) for k, p in self.pids.items()}
         machine0 = procs.machine_busy()
         t0 = perf_counter()
         deadline = t0 + cap
@@ -197,7 +197,7 @@ class Bench:
         await asyncio.gather(*(worker(w) for w in range(concurrency)))
         elapsed = perf_counter() - t0
         cpu1 = {k: cpu_seconds(p) for k, p in self.pids.items()}
-        react1 = procs.main_thread(self.pids["server"]) if "server" in self.pids else (0.0, 0.0)
+        sched1 = {k: procs.main_thread(p) for k, p in self.pids.items()}
         machine1 = procs.machine_busy()
         lags = await lag.stop()
         tcp1 = procs.tcp_counters()
@@ -208,7 +208,8 @@ class Bench:
         return Round(side, concurrency, first, total, errors, elapsed, rate,
                      {k: cpu1[k] - cpu0[k] for k in cpu0}, lags,
                      {k: tcp1[k] - tcp0.get(k, 0) for k in tcp1}, connections, core_first,
-                     (react1[0] - react0[0], react1[1] - react0[1]), machine1 - machine0)
+                     {k: (sched1[k][0] - sched0[k][0], sched1[k][1] - sched0[k][1])
+                      for k in sched0}, machine1 - machine0)
 
     async def paired(self, server_client: Any, direct: Any, concurrency: int,
                      rounds: int, n: int, label: str) -> dict[str, Any]:
@@ -261,12 +262,12 @@ class Bench:
             if side == "server":
                 core = [x for r in rounds for x in r.core_first]
                 agg["core_first_piece_ms"] = {"p50": ms(pct(core, 50)), "p99": ms(pct(core, 99))}
-                agg["reactor_busy"] = round(sum(r.reactor[0] for r in rounds) / elapsed, 3)
-                agg["reactor_cpu_wait_ms_per_ask"] = (
-                    ms(sum(r.reactor[1] for r in rounds) / asks) if asks else None)
+                agg["reactor_busy"] = round(sum(r.sched["server"][0] for r in rounds) / elapsed, 3)
                 agg["upstream_connections_per_ask"] = (
                     round(sum(r.upstream_connections for r in rounds) / asks, 3) if asks else None)
             for proc in self.pids:
+                waited = sum(r.sched[proc][1] for r in rounds)
+                agg[f"{proc}_cpu_wait_ms_per_ask"] = ms(waited / asks) if asks else None
                 used = sum(r.cpu[proc] for r in rounds)
                 if proc == "server" and side == "server":
                     agg["server_cpu_ms_per_ask_raw"] = ms(used / asks) if asks else None
@@ -515,6 +516,8 @@ async def history_phase(bench: Bench, ports: dict[str, int], ids: dict[int, list
 def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for name, t in result["transports"].items():
+        if "c1" not in t:
+            continue
         c1, c100, c50 = t["c1"], t["c100"], t["c50"]
         what = "whole answer" if name == "http" else "first piece"
         rows.append({"transport": name, "target": f"added time to {what}, p50 at c=1 < 1 ms",
@@ -645,6 +648,29 @@ def markdown(result: dict[str, Any]) -> str:
              f"lag p99 {fmt(first['c50']['direct']['loop_lag_ms_p99'])} ms (direct) and "
              f"{fmt(first['c50']['server']['loop_lag_ms_p99'])} ms (server) at c=50.\n")
 
+    L.append("### Where the added time is spent, and how busy the machine was\n")
+    L.append("*core first piece*: the server's own access-log `first_piece` (from the core taking "
+             "the ask to the first piece from upstream, so DB reads + upstream call + upstream "
+             "wait). *CPU wait*: time a main thread was runnable but had no CPU "
+             "(`/proc/<pid>/task/<pid>/schedstat`), per ask. *others*: cores busy with processes "
+             "that are not part of the benchmark (a shared machine).\n")
+    L.append("| transport | c | first piece p50: client / core / direct | reactor busy "
+             "| CPU wait ms/ask: server / fake (direct rounds) | others' cores: server / direct rounds "
+             "| new upstream connections per ask | listen overflows |")
+    L.append("|---|---|---|---|---|---|---|---|")
+    for name, t in result["transports"].items():
+        for c in ("c1", "c50", "c100"):
+            s_, d_ = t[c]["server"], t[c]["direct"]
+            L.append(
+                f"| {name} | {c[1:]} | {fmt(s_['ttfp_ms']['p50'], 1)} / "
+                f"{fmt(s_.get('core_first_piece_ms', {}).get('p50'), 1)} / "
+                f"{fmt(d_['ttfp_ms']['p50'], 1)} | {fmt(s_.get('reactor_busy'))} | "
+                f"{fmt(s_.get('server_cpu_wait_ms_per_ask'))} / {fmt(s_.get('fake_cpu_wait_ms_per_ask'))} "
+                f"({fmt(d_.get('fake_cpu_wait_ms_per_ask'))}) | {fmt(s_.get('others_busy_cores'))} / "
+                f"{fmt(d_.get('others_busy_cores'))} | {fmt(s_.get('upstream_connections_per_ask'))} | "
+                f"{s_.get('listen_overflows')} |")
+    L.append("")
+
     if result.get("memory"):
         L.append("## 1,000 streams held at once\n")
         L.append("A fresh server per transport, in front of a second fake whose 20 pieces "
@@ -769,19 +795,21 @@ async def main_async(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
         bench.pids.update({"server": server.pid, "fake": fake.pid})
         bench.server_log = procs.ServerLog(server.log_path)
         direct = DirectClient(session, fake_port)
-        for name in plan.transports:
+        phases = set(args.phases.split(",")) if args.phases else {
+            "transports", "history", "profile", "memory"}
+        for name in plan.transports if "transports" in phases else ():
             log(f"transport {name}")
             result["transports"][name] = await transport_phases(bench, name, ports, direct)
-        if hist_ids:
+        if hist_ids and "history" in phases:
             log("history")
             result["history"] = await history_phase(bench, ports, hist_ids, server.pid)
-        if plan.profile_seconds:
+        if plan.profile_seconds and "profile" in phases:
             for name in plan.profile_transports:
                 log(f"profile {name}")
-                result["transports"][name]["profile"] = await profile_phase(
+                result["transports"].setdefault(name, {})["profile"] = await profile_phase(
                     bench, name, ports, server.pid, tmp)
         server.stop()
-        if plan.memory_streams and plan.memory_transports:
+        if plan.memory_streams and plan.memory_transports and "memory" in phases:
             slow, slow_port = procs.start_fake(tmp, "fake-slow", PIECES, plan.slow_interval)
             started.append(slow)
             result["memory"] = {}
@@ -812,6 +840,13 @@ def _commit() -> str | None:
         return None
 
 
+def write_doc(text: str) -> None:
+    os.makedirs(os.path.dirname(DOC), exist_ok=True)
+    with open(DOC, "w") as f:
+        f.write(text)
+    log(f"wrote {DOC}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke check, under 2 minutes")
@@ -822,7 +857,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, profiles)")
     parser.add_argument("--no-uvloop", action="store_true")
     parser.add_argument("--commit", help="the commit measured, when not run from a git checkout")
+    parser.add_argument("--phases", help="comma-separated subset of "
+                        "transports,history,profile,memory (a partial result: no docs)")
+    parser.add_argument("--memory-streams", type=int, help="streams held at once (default 1000)")
+    parser.add_argument("--render", metavar="JSON",
+                        help="only write docs/benchmarks.md from an earlier result file")
     args = parser.parse_args(argv)
+    if args.render:
+        with open(args.render) as f:
+            write_doc(markdown(json.load(f)))
+        return 0
     plan = QUICK if args.quick else Plan()
     if args.transports:
         chosen = [t.strip() for t in args.transports.split(",") if t.strip()]
@@ -832,6 +876,10 @@ def main(argv: list[str] | None = None) -> int:
         plan.transports = chosen
         plan.memory_transports = [t for t in plan.memory_transports if t in chosen]
         plan.profile_transports = [t for t in plan.profile_transports if t in chosen]
+    if args.memory_streams:
+        plan.memory_streams = args.memory_streams
+    if args.phases:
+        args.no_docs = True
     try:
         import aiohttp  # noqa: F401
     except ImportError:
@@ -851,9 +899,7 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(result, f, indent=2)
     text = markdown(result)
     if (not args.quick or args.docs) and not args.no_docs:
-        with open(DOC, "w") as f:
-            f.write(text)
-        log(f"wrote {DOC}")
+        write_doc(text)
     log(f"wrote {out} in {result['duration_s'] / 60:.1f} min")
     print()
     for row in result["targets"]:

@@ -935,7 +935,7 @@ class Store:
         Writes are not retried: a connection lost during COMMIT leaves it
         unknown whether the write happened.
         """
-        tries = [self._pool.max]
+        tries = [self._pool.max + 1]
 
         def again(failure: Failure) -> "Deferred[Any]":
             failure.trap(StoreUnavailable)
@@ -978,7 +978,7 @@ class Store:
                 raise
             return interaction(txn, *a)
 
-        tries = [self._pool.max]
+        tries = [self._pool.max + 1]
 
         def again(failure: Failure) -> "Deferred[Any]":
             failure.trap(_DeadConnection)

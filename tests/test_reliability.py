@@ -469,7 +469,7 @@ class DisconnectTests(TestCase):
         watcher = PieceWatcher(rig.core.upstream)
         rig.core.upstream = watcher
         cid = f"gone.{transport}"
-        follow = "http" if transport in ("http", "sse") else transport.split("_")[0]
+        follow = "http" if transport in ("http", "sse", "openai") else transport.split("_")[0]
         seed = await rig.ask(follow, cid, "first")
         self.assertTrue(seed.ok, seed)
         await within(watcher.pieces.get())
@@ -491,6 +491,12 @@ class DisconnectTests(TestCase):
             stream = b', "stream": true' if transport == "sse" else b""
             raw.post(f"/ask/{cid}", b'{"prompt": "faulty"%s}' % stream)
             ended = raw.lost
+        elif transport == "openai":
+            raw = await RawHTTP.connect(int(rig.http.rsplit(":", 1)[1]))
+            raw.post("/v1/chat/completions",
+                     b'{"model": "m", "stream": true,'
+                     b' "messages": [{"role": "user", "content": "faulty"}]}')
+            ended = raw.lost
         elif transport in ("websocket", "websocket_close"):
             client = await connect_ws(rig.ws_port)
             ended = client.ask(cid, "faulty", on_piece=on_piece)
@@ -502,13 +508,15 @@ class DisconnectTests(TestCase):
         await within(watcher.pieces.get())
         if transport == "sse":
             await raw.wait_for(b"event: delta")
+        elif transport == "openai":
+            await raw.wait_for(b"You said")
         elif transport != "http":
             await within(client_piece.get())
         self.assertFalse(received.connection_lost.called)
 
         # The client goes away; the upstream connection must close within
         # CLOSE_BOUND of that moment.
-        if transport in ("http", "sse"):
+        if transport in ("http", "sse", "openai"):
             raw.transport.loseConnection()
         elif transport == "websocket":
             client.transport.abortConnection()
@@ -525,6 +533,8 @@ class DisconnectTests(TestCase):
         elif transport == "sse":
             self.assertIn(b"event: delta", raw.data)
             self.assertNotIn(b"event: done", raw.data)
+        elif transport == "openai":
+            self.assertNotIn(b"[DONE]", raw.data)
         elif transport.startswith("websocket"):
             self.assertEqual((outcome.ended, outcome.text), ("lost", "".join(client_got)))
         else:
@@ -536,8 +546,15 @@ class DisconnectTests(TestCase):
         self.assertEqual(rig.stored(cid), turns(("first", said("first", 1)),
                                                  ("after", said("after", 3))))
         # The log: the ask was cancelled, nothing unexpected.
-        self.assertEqual([line["status"] for line in rig.log.access(conversation_id=cid)],
-                         ["ok", "cancelled", "ok"])
+        if transport == "openai":
+            # a completion belongs to no conversation, and stores nothing
+            self.assertEqual([line["status"] for line in rig.log.access(kind="completion")],
+                             ["cancelled"])
+            self.assertEqual([line["status"] for line in rig.log.access(conversation_id=cid)],
+                             ["ok", "ok"])
+        else:
+            self.assertEqual([line["status"] for line in rig.log.access(conversation_id=cid)],
+                             ["ok", "cancelled", "ok"])
         self.assertEqual(rig.log.failures(), [])
 
     def test_http(self) -> Deferred:
@@ -559,6 +576,10 @@ class DisconnectTests(TestCase):
     def test_grpc(self) -> Deferred:
         """A gRPC client cancels its call after a piece."""
         return Deferred.fromCoroutine(self.check("grpc"))
+
+    def test_openai_compatible_stream(self) -> Deferred:
+        """A C{/v1/chat/completions} stream's client closes after a piece."""
+        return Deferred.fromCoroutine(self.check("openai"))
 
 
 # --- load ----------------------------------------------------------------------------
