@@ -897,9 +897,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or os.path.join(RESULTS, "quick.json" if args.quick else "latest.json")
     with open(out, "w") as f:
         json.dump(result, f, indent=2)
-    text = markdown(result)
     if (not args.quick or args.docs) and not args.no_docs:
-        write_doc(text)
+        write_doc(markdown(result))
     log(f"wrote {out} in {result['duration_s'] / 60:.1f} min")
     print()
     for row in result["targets"]:

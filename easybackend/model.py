@@ -95,7 +95,7 @@ class AskRequest:
             model=_optional(body, "model", str),
             temperature=_temperature(body),
             max_tokens=_max_tokens(body),
-            parent_id=_optional(body, "parent_id", str),
+            parent_id=_message_id(body),
             request_id=request_id,
             owner=owner,
             transport=transport,
@@ -110,6 +110,13 @@ def _optional(body: Mapping[str, Any], name: str, kind: type) -> Any:
         raise BadRequest(f'"{name}" must be a {kind.__name__}')
     if kind is str and not value:
         return None
+    return value
+
+
+def _message_id(body: Mapping[str, Any]) -> str | None:
+    value = _optional(body, "parent_id", str)
+    if value is not None and len(value) > 128:
+        raise BadRequest('"parent_id" is not a message id (over 128 characters)')
     return value
 
 

@@ -426,8 +426,8 @@ class ConversationService:
         """C{owner}'s conversations, most recently updated first."""
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 100:
             raise BadRequest('"limit" must be an integer between 1 and 100')
-        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-            raise BadRequest('"offset" must be an integer of 0 or more')
+        if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < 2**63:
+            raise BadRequest('"offset" must be an integer from 0 to 2**63 - 1')
         return self.store.list_conversations(limit, offset, owner=owner)
 
     def get_conversation(

@@ -1382,7 +1382,7 @@ class GrpcBadInputTests(TestCase):
             ({"prompt": "word " * 190_000}, "INVALID_ARGUMENT", "prompt_too_long"),
             ({"prompt": "x", "conversation_id": "c" * 100_000}, "INVALID_ARGUMENT", "bad_request"),
             ({"prompt": "x", "conversation_id": "a/../b"}, "INVALID_ARGUMENT", "bad_request"),
-            ({"prompt": "x", "parent_id": "p" * 20_000}, "NOT_FOUND", "not_found"),
+            ({"prompt": "x", "parent_id": "p" * 20_000}, "INVALID_ARGUMENT", "bad_request"),
             ({"prompt": "x", "max_tokens": 0}, "INVALID_ARGUMENT", "bad_request"),
             ({"prompt": "x", "max_tokens": -5}, "INVALID_ARGUMENT", "bad_request"),
             ({"prompt": "x", "temperature": float("nan")}, "INVALID_ARGUMENT", "bad_request"),

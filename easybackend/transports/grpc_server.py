@@ -577,7 +577,8 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
     def _abort(context: grpc.ServicerContext, abort: "_Abort") -> None:
         if abort.metadata:
             context.set_trailing_metadata(abort.metadata)
-        context.abort(abort.code, abort.details)
+        # grpcio drops the trailers (and the status) of very long details
+        context.abort(abort.code, abort.details[:1024])
 
 
 def _ended(context: grpc.ServicerContext) -> _Abort:

@@ -26,6 +26,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound as NoRoute
 
+from easybackend import wire
 from easybackend.auth import KeyRing
 from easybackend.errors import (
     BadRequest,
@@ -161,8 +162,8 @@ class WebApp:
                 raise BadRequest("the request body must be a JSON object")
             return {}
         try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
+            body = wire.loads(raw)
+        except ValueError as e:
             raise BadRequest(f"the request body is not valid JSON: {e}") from None
         if not isinstance(body, dict):
             raise BadRequest("the request body must be a JSON object")

@@ -70,6 +70,7 @@ from twisted.internet.defer import (
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from easybackend import wire
 from easybackend.auth import KeyRing
 from easybackend.errors import BadRequest, EasyBackendError, RateLimited, Unauthenticated
 from easybackend.model import Answer, AskRequest
@@ -280,7 +281,7 @@ class ChatServerProtocol(WebSocketServerProtocol):
         if text.startswith(TEXT_ASK):
             return _TEXT
         try:
-            return json.loads(text)
+            return wire.loads(text)
         except ValueError:
             if text.lstrip()[:1] in ("{", "["):
                 raise
