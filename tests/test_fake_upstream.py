@@ -624,7 +624,6 @@ class ProcessTests(FakeTestCase):
             [sys.executable, "-m", "easybackend.testing.fake_upstream",
              "--port", "0", "--pieces", "3", "--interval", "0.001"],
             env=env,
-            path=root,
         )
         try:
             line = await protocol.first_line.addTimeout(WAIT * 3, reactor)

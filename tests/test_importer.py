@@ -296,7 +296,8 @@ class CommandTests(TestCase):
             sys.executable,
             ["-m", "easybackend.importer", *args],
             env={**os.environ, "PYTHONPATH": ROOT},
-            path=ROOT,
+            # no path: a fork in this many-threaded process (grpc) is risky;
+            # without a cwd change Twisted uses posix_spawn
             reactor=reactor,
         )
         return out.decode(), err.decode(), code

@@ -740,7 +740,8 @@ class CrashTests(_Shared):
             sys.executable,
             ["-c", CRASHING_CHILD, self.target],
             env={**os.environ, "PYTHONPATH": ROOT},
-            path=ROOT,
+            # no path: a fork in this many-threaded process (grpc) is risky;
+            # without a cwd change Twisted uses posix_spawn
             reactor=reactor,
         )
         self.assertEqual(code, 3, err)
