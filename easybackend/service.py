@@ -9,6 +9,7 @@ L{easybackend.errors.EasyBackendError}s back into its own form.
 from __future__ import annotations
 
 import uuid
+from collections import OrderedDict
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine, TypeVar
 
@@ -31,6 +32,7 @@ from easybackend.model import (
     Completion,
     Conversation,
     ConversationView,
+    Message,
     Turn,
     Upstream,
     check_conversation_id,
@@ -55,6 +57,57 @@ class CoreSettings:
 def new_conversation_id() -> str:
     """A fresh, unguessable conversation id."""
     return "c_" + uuid.uuid4().hex
+
+
+@frozen
+class Branch:
+    """
+    A conversation's branch, root first: the stored messages (their roles
+    and token counts, for the budget) and the same as chat messages.
+    """
+
+    messages: list[Message]
+    chat: list[ChatMessage]
+
+    @classmethod
+    def of(cls, messages: list[Message]) -> "Branch":
+        return cls(messages, [ChatMessage(m.role, m.content) for m in messages])
+
+    def extended(self, prompt: Message, answer: Message) -> "Branch":
+        return Branch(
+            [*self.messages, prompt, answer],
+            [*self.chat, ChatMessage("user", prompt.content),
+             ChatMessage("assistant", answer.content)],
+        )
+
+
+class BranchCache:
+    """
+    The last branch each recent conversation grew to, keyed by its leaf,
+    so that a turn continuing it reads no history from the store.  Leaf
+    ids are unique and server-made, so a turn of another replica, a
+    rollback or a delete and re-creation only make the key miss; nothing
+    has to be invalidated.  At most C{size} conversations are kept.
+    """
+
+    def __init__(self, size: int = 256) -> None:
+        self._size = size
+        self._entries: OrderedDict[str, tuple[str, Branch]] = OrderedDict()
+
+    def get(self, cid: str, leaf: str | None) -> Branch | None:
+        if leaf is None:
+            return Branch([], [])
+        entry = self._entries.get(cid)
+        if entry is None or entry[0] != leaf:
+            return None
+        self._entries.move_to_end(cid)
+        return entry[1]
+
+    def put(self, cid: str, leaf: str, branch: Branch) -> None:
+        self._entries[cid] = (leaf, branch)
+        self._entries.move_to_end(cid)
+        while len(self._entries) > self._size:
+            self._entries.popitem(last=False)
 
 
 class Shared:
@@ -133,6 +186,7 @@ class ConversationService:
         self._clock = clock
         self.settings = settings
         self._locks: dict[str, DeferredLock] = {}
+        self._branches = BranchCache()
         self._in_flight: set[Deferred[Answer]] = set()
         self._idle: list[Deferred[None]] = []
 
@@ -313,7 +367,9 @@ class ConversationService:
             counter = await self._tokens()
             conversation = await self._owned(cid, request.owner, missing_ok=True)
             leaf = await self._leaf(conversation, cid, request.parent_id)
-            history = await self.store.branch(cid, leaf) if leaf else []
+            branch = self._branches.get(cid, leaf)
+            if branch is None:
+                branch = Branch.of(await self.store.branch(cid, leaf) if leaf else [])
             if conversation is None:
                 system = request.system_prompt or self.settings.first_prompt
                 model = request.model or self.settings.model
@@ -324,10 +380,11 @@ class ConversationService:
             budget = self.settings.context_tokens - answer_tokens
             system_tokens = counter.count_message("system", system) if system else 0
             prompt_tokens = counter.count_message("user", request.prompt)
-            start = fit(system_tokens, history, prompt_tokens, budget)
+            start = fit(system_tokens, branch.messages, prompt_tokens, budget)
+            asked = ChatMessage("user", request.prompt)
             messages = [ChatMessage("system", system)] if system else []
-            messages.extend(ChatMessage(m.role, m.content) for m in history[start:])
-            messages.append(ChatMessage("user", request.prompt))
+            messages += branch.chat[start:]
+            messages.append(asked)
             temperature = request.temperature
             if temperature is None:
                 temperature = self.settings.temperature
@@ -354,9 +411,15 @@ class ConversationService:
                 owner=request.owner,
                 continues_leaf=request.parent_id is None,
             )
+            now = self._clock.seconds()
             prompt_id, answer_id = await self.store.commit_turn(
-                turn, self._clock.seconds(), system_tokens=system_tokens
+                turn, now, system_tokens=system_tokens
             )
+            self._branches.put(cid, answer_id, branch.extended(
+                Message(prompt_id, cid, leaf, "user", turn.prompt, turn.prompt_tokens, now),
+                Message(answer_id, cid, prompt_id, "assistant", turn.answer,
+                        turn.answer_tokens, now, turn.model, turn.finish_reason, turn.usage),
+            ))
         return Answer(
             conversation_id=cid,
             message_id=answer_id,

@@ -510,3 +510,50 @@ class LeafCheckTests(TestCase):
                         prompt_tokens=1, answer="a", answer_tokens=1, model="m",
                         finish_reason="stop", usage=None, continues_leaf=False)
         await core.store.commit_turn(branched, 0.0)
+
+
+class BranchCacheTests(TestCase):
+    """A conversation's history is read from the store only when needed."""
+
+    async def test_continuing_turns_read_no_history(self) -> None:
+        """
+        When turns continue a conversation, then its history is read from
+        the store once at most; when the leaf moved elsewhere (a rollback,
+        or another replica's turn), then the fresh branch is read and used.
+        """
+        from easybackend.testing.fixtures import open_store
+
+        reads: list[str | None] = []
+
+        class CountingStore:
+            def __init__(self, store: Any) -> None:
+                self._store = store
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(self._store, name)
+
+            def branch(self, cid: str, leaf: str | None) -> Any:
+                reads.append(leaf)
+                return self._store.branch(cid, leaf)
+
+        upstream = ScriptedUpstream()
+        core = await make_core(self, upstream, store=CountingStore(await open_store(self)))
+
+        async def turn(prompt: str) -> Call:
+            next_call = upstream.next_call()
+            d = core.ask(ask(prompt, "bc"), lambda p: None)
+            c = await next_call
+            c.piece(prompt.upper())
+            c.finish()
+            await d
+            return c
+
+        for prompt in ["one", "two", "three"]:
+            await turn(prompt)
+        self.assertEqual(reads, [])
+        await core.rollback("bc", 1)
+        reads.clear()
+        c = await turn("four")
+        self.assertEqual(len(reads), 1)
+        self.assertEqual([content for _, content in c.prompts],
+                         ["one", "ONE", "two", "TWO", "four"])
