@@ -10,6 +10,7 @@ benchmark never counts a broken answer as a fast one.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from time import perf_counter
 from typing import Any, Callable
@@ -200,6 +201,37 @@ class SSEClient(_Base):
         return first, total
 
 
+class _Socket:
+    """
+    One WebSocket with a reader task that always reads, as a browser does:
+    pings are answered even between asks, and a closed socket is noticed.
+    Messages go to a queue with the time they were read.
+    """
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.ws = ws
+        self.queue: asyncio.Queue[tuple[float, Any]] = asyncio.Queue()
+        self.task = asyncio.ensure_future(self._read())
+
+    async def _read(self) -> None:
+        try:
+            async for msg in self.ws:
+                self.queue.put_nowait((perf_counter(), msg))
+        finally:
+            self.queue.put_nowait((perf_counter(), None))
+
+    @property
+    def alive(self) -> bool:
+        return not self.task.done() and not self.ws.closed
+
+    async def close(self) -> None:
+        await self.ws.close()
+        try:
+            await asyncio.wait_for(self.task, 5)
+        except (asyncio.TimeoutError, Exception):  # noqa: BLE001
+            self.task.cancel()
+
+
 class WebSocketClient(_Base):
     """The JSON protocol on the WebSocket listener: one socket per worker,
     kept across asks, as a browser tab keeps it."""
@@ -211,55 +243,51 @@ class WebSocketClient(_Base):
         self.session = session
         self.url = f"ws://127.0.0.1:{ports['websocket']}/"
         self.expected = expected
-        self.sockets: dict[int, aiohttp.ClientWebSocketResponse] = {}
+        self.sockets: dict[int, _Socket] = {}
 
-    async def _socket(self, worker: int) -> aiohttp.ClientWebSocketResponse:
-        ws = self.sockets.get(worker)
-        if ws is None or ws.closed:
+    async def _socket(self, worker: int) -> _Socket:
+        sock = self.sockets.get(worker)
+        if sock is None or not sock.alive:
             ws = await self.session.ws_connect(self.url, autoping=True,
                                                max_msg_size=0, compress=0)
-            self.sockets[worker] = ws
-        return ws
+            sock = self.sockets[worker] = _Socket(ws)
+        return sock
 
     async def ask(self, worker: int, cid: str, n: int,
                   on_first: Callable[[], None] | None = None) -> tuple[float, float]:
-        ws = await self._socket(worker)
+        sock = await self._socket(worker)
         message = json.dumps({"type": "ask", "id": str(n), "conversation_id": cid,
                               "prompt": prompt_for(n)})
         first = 0.0
         pieces = 0
         start = perf_counter()
-        await ws.send_str(message)
+        await sock.ws.send_str(message)
         while True:
-            msg = await ws.receive()
-            if msg.type is not aiohttp.WSMsgType.TEXT:
-                raise AnswerError(f"websocket: {msg.type!r} {msg.data!r}")
+            at, msg = await sock.queue.get()
+            if msg is None or msg.type is not aiohttp.WSMsgType.TEXT:
+                raise AnswerError(f"websocket: {msg!r}")
             data = msg.data
             if data.startswith('{"type": "delta"'):
-                pieces += 1
-                if pieces == 1:
-                    first = perf_counter() - start
-                    if on_first is not None:
-                        on_first()
-                continue
-            kind = _loads(data).get("type")
+                kind = "delta"
+            else:
+                kind = _loads(data).get("type")
             if kind == "delta":
                 pieces += 1
                 if pieces == 1:
-                    first = perf_counter() - start
+                    first = at - start
                     if on_first is not None:
                         on_first()
             elif kind == "done":
+                total = at - start
                 break
             else:
                 raise AnswerError(f"websocket: {data[:200]}")
-        total = perf_counter() - start
         _check(pieces, self.expected)
         return first, total
 
     async def close(self) -> None:
-        for ws in self.sockets.values():
-            await ws.close()
+        for sock in self.sockets.values():
+            await sock.close()
         self.sockets.clear()
 
 

@@ -43,6 +43,14 @@ CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
 IDLE = (
     "EPollReactor.doPoll", "Condition.wait", "Event.wait", "Queue.get", "Thread.join",
     "_wait_once", "Lock.acquire", "select", "poll", "_poll",
+    # grpcio's completion-queue poll and its executor's queue, both waits in C
+    "_serve", "_worker",
+)
+
+#: leaf functions that are a system call on a socket or epoll
+SYSCALLS = (
+    "untilConcludes", "Connection.doRead", "Connection.writeSomeData", "BaseClient.doConnect",
+    "EPollReactor._add", "EPollReactor._remove", "Port.doRead", "_SocketWaker.wakeUp",
 )
 
 
@@ -101,7 +109,7 @@ def summarize(raw_text: str, top: int = 15) -> dict[str, Any]:
             continue
         total += count
         self_time[f"{fn} ({_short(path)})"] += count
-        categories[category(path)] += count
+        categories["socket and epoll system calls" if fn in SYSCALLS else category(path)] += count
         seen = set()
         for fn, path in parsed:
             key = f"{fn} ({_short(path)})"

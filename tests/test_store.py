@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import sqlite3
 import sys
-import uuid
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypeVar
 
 from twisted.internet import reactor
@@ -37,12 +36,9 @@ from easybackend.store import (
     title_for,
 )
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(easybackend.__file__)))
-#: The server the PostgreSQL tests make their databases on.
-POSTGRES_URL = os.environ.get(
-    "EASYBACKEND_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"
-)
+from easybackend.testing.postgres import fresh_database, with_database  # noqa: E402
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(easybackend.__file__)))
 T = TypeVar("T")
 
 
@@ -67,11 +63,6 @@ def turn(
     )
     values.update(kw)
     return Turn(**values)
-
-
-def with_database(url: str, database: str) -> str:
-    """C{url} naming another database on the same server."""
-    return url.rsplit("/", 1)[0] + "/" + database
 
 
 async def eventually(
@@ -159,28 +150,10 @@ class PostgresCase(BackendCase):
     dialect = POSTGRES
 
     async def setUp(self) -> None:
-        try:
-            import psycopg
-        except ImportError:
-            self.fail(
-                "the PostgreSQL tests need psycopg: pip install 'psycopg[binary]'"
-            )
+        import psycopg
+
+        self.target = await fresh_database(self)
         self.IntegrityError = psycopg.IntegrityError
-        name = "eb_test_" + uuid.uuid4().hex[:16]
-
-        def admin(sql: str) -> None:
-            with psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=5) as c:
-                c.execute(sql)
-
-        try:
-            await deferToThread(admin, f"CREATE DATABASE {name}")
-        except psycopg.OperationalError as e:
-            self.fail(
-                f"PostgreSQL is not reachable at {POSTGRES_URL} ({e}); start it"
-                " (.ci/run does) or set EASYBACKEND_TEST_POSTGRES"
-            )
-        self.addCleanup(deferToThread, admin, f"DROP DATABASE {name} WITH (FORCE)")
-        self.target = with_database(POSTGRES_URL, name)
 
     def connect(self) -> Any:
         """A plain blocking connection to this test's database."""
