@@ -132,6 +132,7 @@ class Round:
     core_first: list[float]        # the server's own first_piece, from its access log
     sched: dict[str, tuple[float, float]]  # main threads: seconds on a CPU, waiting for one
     machine: float                 # CPU seconds the whole machine used
+    switches: int                  # the server's context switches (all threads)
 
 
 class Bench:
@@ -176,6 +177,7 @@ class Bench:
         cpu0 = {k: cpu_seconds(p) for k, p in self.pids.items()}
         sched0 = {k: procs.main_thread(p) for k, p in self.pids.items()}
         machine0 = procs.machine_busy()
+        switches0 = procs.context_switches(self.pids["server"]) if "server" in self.pids else 0
         t0 = perf_counter()
         deadline = t0 + cap
 
@@ -203,6 +205,7 @@ class Bench:
         cpu1 = {k: cpu_seconds(p) for k, p in self.pids.items()}
         sched1 = {k: procs.main_thread(p) for k, p in self.pids.items()}
         machine1 = procs.machine_busy()
+        switches1 = procs.context_switches(self.pids["server"]) if "server" in self.pids else 0
         lags = await lag.stop()
         tcp1 = procs.tcp_counters()
         connections, core_first = self._server_log()
@@ -213,7 +216,7 @@ class Bench:
                      {k: cpu1[k] - cpu0[k] for k in cpu0}, lags,
                      {k: tcp1[k] - tcp0.get(k, 0) for k in tcp1}, connections, core_first,
                      {k: (sched1[k][0] - sched0[k][0], sched1[k][1] - sched0[k][1])
-                      for k in sched0}, machine1 - machine0)
+                      for k in sched0}, machine1 - machine0, switches1 - switches0)
 
     async def paired(self, server_client: Any, direct: Any, concurrency: int,
                      rounds: int, n: int, label: str) -> dict[str, Any]:
@@ -267,6 +270,8 @@ class Bench:
                 core = [x for r in rounds for x in r.core_first]
                 agg["core_first_piece_ms"] = {"p50": ms(pct(core, 50)), "p99": ms(pct(core, 99))}
                 agg["reactor_busy"] = round(sum(r.sched["server"][0] for r in rounds) / elapsed, 3)
+                agg["server_context_switches_per_ask"] = (
+                    round(sum(r.switches for r in rounds) / asks, 1) if asks else None)
                 agg["upstream_connections_per_ask"] = (
                     round(sum(r.upstream_connections for r in rounds) / asks, 3) if asks else None)
             for proc in self.pids:
@@ -706,8 +711,8 @@ def markdown(result: dict[str, Any]) -> str:
              "that are not part of the benchmark (a shared machine).\n")
     L.append("| transport | c | first piece p50: client / core / direct | reactor busy "
              "| CPU wait ms/ask: server / fake (direct rounds) | others' cores: server / direct rounds "
-             "| new upstream connections per ask | listen overflows |")
-    L.append("|---|---|---|---|---|---|---|---|")
+             "| server context switches per ask | new upstream connections per ask | listen overflows |")
+    L.append("|---|---|---|---|---|---|---|---|---|")
     for name, t in result["transports"].items():
         for c in ("c1", "c50", "c100"):
             s_, d_ = t[c]["server"], t[c]["direct"]
@@ -717,7 +722,8 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{fmt(d_['ttfp_ms']['p50'], 1)} | {fmt(s_.get('reactor_busy'))} | "
                 f"{fmt(s_.get('server_cpu_wait_ms_per_ask'))} / {fmt(s_.get('fake_cpu_wait_ms_per_ask'))} "
                 f"({fmt(d_.get('fake_cpu_wait_ms_per_ask'))}) | {fmt(s_.get('others_busy_cores'))} / "
-                f"{fmt(d_.get('others_busy_cores'))} | {fmt(s_.get('upstream_connections_per_ask'))} | "
+                f"{fmt(d_.get('others_busy_cores'))} | {fmt(s_.get('server_context_switches_per_ask'), 0)} | "
+                f"{fmt(s_.get('upstream_connections_per_ask'))} | "
                 f"{s_.get('listen_overflows')} |")
     L.append("")
 

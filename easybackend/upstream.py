@@ -162,7 +162,7 @@ class OpenAIUpstream:
         client: Any = None,
         random: Callable[[], float] = _random.random,
         max_error_body: int = 64 * 1024,
-        max_connections_per_host: int = 8,
+        max_connections_per_host: int = 128,
     ) -> None:
         """
         @param reactor: provides C{IReactorTime} and C{IReactorTCP}.
@@ -181,7 +181,9 @@ class OpenAIUpstream:
             of the default client over one persistent connection pool.
         @param random: returns a float in [0, 1) for the backoff jitter.
         @param max_error_body: how much of an error answer's body is read.
-        @param max_connections_per_host: idle connections the pool keeps.
+        @param max_connections_per_host: idle connections the pool keeps for
+            reuse; as many as answers usually stream at once, so that a busy
+            server does not open a new connection for most asks.
         """
         url = EncodedURL.from_text(base_url.rstrip("/") + "/chat/completions")
         if url.scheme not in ("http", "https") or not url.host:
