@@ -57,7 +57,7 @@ class Plan:
     memory_transports: list[str] = field(
         default_factory=lambda: ["sse", "websocket", "grpc", "openai"])
     slow_interval: float = 0.5               # the held streams' fake: 20 pieces this far apart
-    history: tuple[int, int, int] = (4, 60, 10)  # rounds, asks, concurrency
+    history: tuple[int, int, int] = (6, 80, 10)  # rounds, asks, concurrency
     history_sizes: tuple[int, int] = (10, 1000)
     profile_seconds: int = 6
     profile_transports: list[str] = field(default_factory=lambda: list(ORDER))
@@ -469,7 +469,7 @@ def history_files(directory: str, sizes: tuple[int, ...], names: dict[str, int])
 
 
 #: conversations each history worker takes turns on, so a history grows slowly
-HOT_PER_WORKER = 5
+HOT_PER_WORKER = 8
 
 
 def history_names(plan: Plan) -> dict[str, int]:
@@ -485,7 +485,7 @@ async def history_phase(bench: Bench, ports: dict[str, int],
 
     - continuing: the ordinary next turn (no C{parent_id}), on conversations
       asked once before (so whatever the server keeps from the last turn is
-      there); each worker takes turns on 5 conversations, so that a history
+      there); each worker takes turns on 8 conversations, so that a history
       grows by at most ~2 messages a round;
     - from the store: every ask continues from the same imported message
       (C{parent_id}), as a regenerate or the first ask after a restart
@@ -756,7 +756,7 @@ def markdown(result: dict[str, Any]) -> str:
         L.append("Conversations imported with `easybackend-import` (what 5 and 500 asks against "
                  f"the fake would have stored), asked over SSE at c={h['concurrency']}, the four "
                  "kinds of round alternating. *Continuing*: the ordinary next turn, on "
-                 "conversations asked once before (each worker takes turns on 5, so a history "
+                 "conversations asked once before (each worker takes turns on 8, so a history "
                  "grows slowly: the messages column gives it at the first and the last ask). "
                  "*From the store*: every ask continues from the same imported message "
                  "(`parent_id`, as a regenerate or the first ask after a restart), so the "

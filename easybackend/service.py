@@ -54,6 +54,18 @@ class CoreSettings:
     lock_timeout: float = 600.0
 
 
+def answer_tokens_of(counter: Any, completion: Completion) -> int:
+    """
+    The tokens the answer will cost as history: the upstream counted them
+    (exactly, with the model's own encoding) when it reported usage, else
+    count them here.
+    """
+    usage = completion.usage
+    if usage is not None and usage.completion_tokens > 0:
+        return counter.count_message("assistant", "") + usage.completion_tokens
+    return counter.count_message("assistant", completion.text)
+
+
 def new_conversation_id() -> str:
     """A fresh, unguessable conversation id."""
     return "c_" + uuid.uuid4().hex
@@ -403,7 +415,7 @@ class ConversationService:
                 prompt=request.prompt,
                 prompt_tokens=prompt_tokens,
                 answer=completion.text,
-                answer_tokens=counter.count_message("assistant", completion.text),
+                answer_tokens=answer_tokens_of(counter, completion),
                 model=completion.model or model,
                 finish_reason=completion.finish_reason,
                 usage=completion.usage,

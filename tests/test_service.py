@@ -43,8 +43,8 @@ class Call:
         self.text += text
         self.on_piece(text)
 
-    def finish(self) -> None:
-        self.d.callback(Completion(self.text, "scripted", "stop", Usage(1, 2, 3)))
+    def finish(self, usage: Usage | None = None) -> None:
+        self.d.callback(Completion(self.text, "scripted", "stop", usage))
 
     @property
     def prompts(self) -> list[tuple[str, str]]:
@@ -557,3 +557,29 @@ class BranchCacheTests(TestCase):
         self.assertEqual(len(reads), 1)
         self.assertEqual([content for _, content in c.prompts],
                          ["one", "ONE", "two", "TWO", "four"])
+
+
+class TokenCountTests(TestCase):
+    """Stored token counts come from the upstream when it counted them."""
+
+    async def test_answer_tokens_from_usage(self) -> None:
+        """
+        When the upstream reports usage, then the answer's stored token
+        count is its completion tokens plus the message overhead; without
+        usage, the answer is counted here.
+        """
+        from easybackend.testing.fixtures import token_counter
+
+        upstream = ScriptedUpstream()
+        core = await make_core(self, upstream)
+        overhead = token_counter().count_message("assistant", "")
+        for usage, expected in [(Usage(5, 7, 12), overhead + 7),
+                                (None, token_counter().count_message("assistant", "a b c"))]:
+            next_call = upstream.next_call()
+            d = core.ask(ask("q", "tk"), lambda p: None)
+            c = await next_call
+            c.piece("a b c")
+            c.finish(usage)
+            await d
+            view = await core.get_conversation("tk")
+            self.assertEqual(view.messages[-1].tokens, expected)
