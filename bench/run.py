@@ -144,6 +144,8 @@ class Bench:
         self._conv = 0
         #: the server's log: new upstream connections, access lines
         self.server_log: procs.ServerLog | None = None
+        #: the server under test, checked after every round
+        self.server: procs.Proc | None = None
 
     def _server_log(self) -> tuple[int, list[float]]:
         return self.server_log.read() if self.server_log is not None else (0, [])
@@ -202,6 +204,10 @@ class Bench:
         lag.start()
         await asyncio.gather(*(worker(w) for w in range(concurrency)))
         elapsed = perf_counter() - t0
+        if self.server is not None and self.server.popen.poll() is not None:
+            raise RuntimeError(
+                f"the server exited ({self.server.popen.returncode}) during a round; its log "
+                f"ends:\n{self.server.output().decode('utf-8', 'replace')[-1500:]}")
         cpu1 = {k: cpu_seconds(p) for k, p in self.pids.items()}
         sched1 = {k: procs.main_thread(p) for k, p in self.pids.items()}
         machine1 = procs.machine_busy()
@@ -866,6 +872,7 @@ async def main_async(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
         bench = Bench(plan, tmp, session)
         bench.pids.update({"server": server.pid, "fake": fake.pid})
         bench.server_log = procs.ServerLog(server.log_path)
+        bench.server = server
         direct = DirectClient(session, fake_port)
         phases = set(args.phases.split(",")) if args.phases else {
             "transports", "history", "profile", "memory"}
@@ -880,6 +887,7 @@ async def main_async(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
                 log(f"profile {name}")
                 result["transports"].setdefault(name, {})["profile"] = await profile_phase(
                     bench, name, ports, server.pid, tmp)
+        bench.server = None
         server.stop()
         if plan.memory_streams and plan.memory_transports and "memory" in phases:
             slow, slow_port = procs.start_fake(tmp, "fake-slow", PIECES, plan.slow_interval)

@@ -93,33 +93,57 @@ class Branch:
         )
 
 
+@frozen
+class Known:
+    """
+    What the service last wrote of a conversation: its leaf and branch,
+    and the settings a turn needs (owner, system prompt, model).
+    """
+
+    leaf: str
+    branch: Branch
+    owner: str | None
+    system_prompt: str | None
+    model: str | None
+
+
 class BranchCache:
     """
-    The last branch each recent conversation grew to, keyed by its leaf,
+    What was last written of each recent conversation, keyed by its leaf,
     so that a turn continuing it reads no history from the store.  Leaf
     ids are unique and server-made, so a turn of another replica, a
-    rollback or a delete and re-creation only make the key miss; nothing
-    has to be invalidated.  At most C{size} conversations are kept.
+    rollback or a delete and re-creation only make L{get} miss.  When this
+    process is the only writer, L{latest} is current as long as L{forget}
+    is called on rollback and delete.  At most C{size} conversations.
     """
 
     def __init__(self, size: int = 256) -> None:
         self._size = size
-        self._entries: OrderedDict[str, tuple[str, Branch]] = OrderedDict()
+        self._entries: OrderedDict[str, Known] = OrderedDict()
 
     def get(self, cid: str, leaf: str | None) -> Branch | None:
         if leaf is None:
             return Branch([], [])
-        entry = self._entries.get(cid)
-        if entry is None or entry[0] != leaf:
+        known = self._entries.get(cid)
+        if known is None or known.leaf != leaf:
             return None
         self._entries.move_to_end(cid)
-        return entry[1]
+        return known.branch
 
-    def put(self, cid: str, leaf: str, branch: Branch) -> None:
-        self._entries[cid] = (leaf, branch)
+    def latest(self, cid: str) -> Known | None:
+        known = self._entries.get(cid)
+        if known is not None:
+            self._entries.move_to_end(cid)
+        return known
+
+    def put(self, cid: str, known: Known) -> None:
+        self._entries[cid] = known
         self._entries.move_to_end(cid)
         while len(self._entries) > self._size:
             self._entries.popitem(last=False)
+
+    def forget(self, cid: str) -> None:
+        self._entries.pop(cid, None)
 
 
 class Shared:
@@ -199,6 +223,7 @@ class ConversationService:
         self.settings = settings
         self._locks: dict[str, DeferredLock] = {}
         self._branches = BranchCache()
+        self._exclusive = bool(getattr(store, "exclusive", False))
         self._in_flight: set[Deferred[Answer]] = set()
         self._idle: list[Deferred[None]] = []
 
@@ -377,17 +402,29 @@ class ConversationService:
     ) -> Answer:
         async with self._held(cid):
             counter = await self._tokens()
-            conversation = await self._owned(cid, request.owner, missing_ok=True)
-            leaf = await self._leaf(conversation, cid, request.parent_id)
-            branch = self._branches.get(cid, leaf)
-            if branch is None:
-                branch = Branch.of(await self.store.branch(cid, leaf) if leaf else [])
-            if conversation is None:
+            known = self._branches.latest(cid) if self._exclusive else None
+            if known is not None and request.parent_id is None:
+                # This process wrote the conversation last: no store call
+                # before the answer starts.
+                if known.owner != request.owner:
+                    raise NotFound(f"conversation {cid!r} not found")
+                leaf, branch = known.leaf, known.branch
+                system, created_model = known.system_prompt, known.model
+                exists = True
+            else:
+                conversation = await self._owned(cid, request.owner, missing_ok=True)
+                leaf = await self._leaf(conversation, cid, request.parent_id)
+                cached = self._branches.get(cid, leaf)
+                branch = cached if cached is not None else Branch.of(
+                    await self.store.branch(cid, leaf) if leaf else [])
+                exists = conversation is not None
+                system = conversation.system_prompt if conversation else None
+                created_model = conversation.model if conversation else None
+            if not exists:
                 system = request.system_prompt or self.settings.first_prompt
                 model = request.model or self.settings.model
             else:
-                system = conversation.system_prompt
-                model = request.model or conversation.model or self.settings.model
+                model = request.model or created_model or self.settings.model
             answer_tokens = request.max_tokens or self.settings.answer_tokens
             budget = self.settings.context_tokens - answer_tokens
             system_tokens = counter.count_message("system", system) if system else 0
@@ -427,10 +464,17 @@ class ConversationService:
             prompt_id, answer_id = await self.store.commit_turn(
                 turn, now, system_tokens=system_tokens
             )
-            self._branches.put(cid, answer_id, branch.extended(
-                Message(prompt_id, cid, leaf, "user", turn.prompt, turn.prompt_tokens, now),
-                Message(answer_id, cid, prompt_id, "assistant", turn.answer,
-                        turn.answer_tokens, now, turn.model, turn.finish_reason, turn.usage),
+            self._branches.put(cid, Known(
+                leaf=answer_id,
+                branch=branch.extended(
+                    Message(prompt_id, cid, leaf, "user", turn.prompt, turn.prompt_tokens, now),
+                    Message(answer_id, cid, prompt_id, "assistant", turn.answer,
+                            turn.answer_tokens, now, turn.model, turn.finish_reason,
+                            turn.usage),
+                ),
+                owner=request.owner,
+                system_prompt=system,
+                model=created_model if exists else turn.model,
             ))
         return Answer(
             conversation_id=cid,
@@ -527,6 +571,7 @@ class ConversationService:
     async def _delete(self, cid: str, owner: str | None) -> None:
         async with self._held(cid):
             await self._owned(cid, owner)
+            self._branches.forget(cid)
             if not await self.store.delete_conversation(cid):
                 raise NotFound(f"conversation {cid!r} not found")
 
@@ -544,6 +589,7 @@ class ConversationService:
             raise BadRequest('"turns" must be an integer of at least 1')
         async with self._held(cid):
             await self._owned(cid, owner)
+            self._branches.forget(cid)
             await self.store.rollback(cid, turns)
         return await self._view(cid, owner)
 

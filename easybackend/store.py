@@ -893,6 +893,15 @@ class Store:
             if self._locks is not None:
                 self._locks.close()
 
+    @property
+    def exclusive(self) -> bool:
+        """
+        Whether this process is the database's only writer (SQLite, one
+        process a file), so that what it last wrote is still current; with
+        PostgreSQL other replicas write too.
+        """
+        return self._locks is None
+
     def ping(self) -> "Deferred[None]":
         """Fire once the database answers a trivial query (readiness)."""
         return self._read(self._ping)
