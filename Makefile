@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TRIAL := $(PY) -m twisted.trial
 TESTS ?= tests
 
-.PHONY: run test venv proto bench browser postgres clean
+.PHONY: run test venv proto bench bench-replicas browser postgres clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -55,6 +55,23 @@ postgres:
 	   pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql | head -n1) main start) \
 	    || echo "make postgres: could not start PostgreSQL; its tests will fail"; \
 	fi
+
+BENCH_STAMP := $(VENV)/.bench-installed
+
+$(BENCH_STAMP): $(STAMP) setup.cfg
+	$(PY) -m pip install --quiet -e '.[test,bench]' --config-settings editable_mode=compat
+	rm -f twisted/plugins/dropin.cache
+	touch $(BENCH_STAMP)
+
+# The benchmark (docs/benchmarks.md), about 13 min; ARGS=--quick for a
+# 2-minute smoke check.
+bench: $(BENCH_STAMP)
+	$(PY) -m bench.run $(ARGS)
+
+# One replica on SQLite against one and two on PostgreSQL
+# (docs/benchmarks-replicas.md).
+bench-replicas: $(BENCH_STAMP) postgres
+	$(PY) -m bench.replicas $(ARGS)
 
 proto: $(STAMP)
 	$(PY) -m easybackend.proto.generate
