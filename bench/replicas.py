@@ -1,8 +1,8 @@
 """
 Replicas on PostgreSQL beside one process on SQLite (issue 8).
 
-    .venv/bin/python -m bench.replicas            # the full run, ~6 minutes
-    .venv/bin/python -m bench.replicas --quick    # a smoke check, ~1 minute
+    .venv/bin/python -m bench.replicas            # the full run, ~5 minutes
+    .venv/bin/python -m bench.replicas --quick    # a smoke check, under a minute
 
 The same pieces as C{bench.run}: the project's fake upstream (20 pieces,
 10 ms apart), C{twistd -n easybackend} processes started by
@@ -286,6 +286,7 @@ class Round:
     ticks: dict[int, float]      # the same from utime + stime (a cross-check)
     pg: dict[str, float]         # database ("" for auxiliary processes) -> CPU seconds
     machine: float               # CPU seconds the whole machine used
+    tcp: dict[str, int]          # kernel counters: listen overflows, SYN retransmits
 
 
 class Runner:
@@ -324,6 +325,7 @@ class Runner:
         ticks0 = {p: _cpu(p) for p in self.watched}
         cpu0 = {p: _threads_cpu(p) for p in self.watched}
         machine0 = procs.machine_busy()
+        tcp0 = procs.tcp_counters()
         t0 = perf_counter()
         deadline = t0 + self.plan.round_cap
 
@@ -346,6 +348,7 @@ class Runner:
         await asyncio.gather(*(worker(w) for w in range(concurrency)))
         elapsed = perf_counter() - t0
         machine1 = procs.machine_busy()
+        tcp1 = procs.tcp_counters()
         cpu1 = {p: _threads_cpu(p) for p in self.watched}
         ticks1 = {p: _cpu(p) for p in self.watched}
         pg1 = self._pg_cpu()
@@ -364,7 +367,7 @@ class Runner:
         return Round(side, concurrency, first, errors, len(ends), elapsed, rate,
                      {p: _delta(cpu0[p], cpu1[p]) for p in self.watched},
                      {p: (ticks1[p] or 0.0) - (ticks0[p] or 0.0) for p in self.watched}, pg,
-                     machine1 - machine0)
+                     machine1 - machine0, {k: v - tcp0.get(k, 0) for k, v in tcp1.items()})
 
     async def level(self, clients: dict[str, Any], concurrency: int, rounds: int,
                     n: int) -> dict[str, Any]:
@@ -423,6 +426,8 @@ class Runner:
                 "asks_per_s_rounds": sorted(round(r.window_rate, 1) for r in rounds),
                 "ttfp_ms": {"p50": ms(pct(first, 50)), "p90": ms(pct(first, 90)),
                             "p99": ms(pct(first, 99))},
+                "listen_overflows": sum(r.tcp.get("ListenOverflows", 0) for r in rounds),
+                "syn_retransmits": sum(r.tcp.get("TCPSynRetrans", 0) for r in rounds),
                 "driver_cpu_ms_per_ask": ms(sum(r.cpu[os.getpid()] for r in rounds) / asks)
                 if asks else None,
                 "fake_cpu_ms_per_ask": ms(sum(r.cpu[self.fake_pid] for r in rounds) / asks)

@@ -116,6 +116,9 @@ SETTINGS: tuple[Setting, ...] = (
             "postgresql://user@host:port/dbname", env="EASYBACKEND_DB"),
     Setting("db-pool-size", 5, "PostgreSQL connections for queries (SQLite "
             "always uses one)", parse=_positive_int),
+    Setting("db-turns", 10, "PostgreSQL: answers one replica writes at once, "
+            "each holding a connection for its conversation lock",
+            parse=_positive_int),
     Setting("http", "tcp:8000", "HTTP server endpoint string"),
     Setting("websocket", "tcp:9001", "WebSocket server endpoint string"),
     Setting("grpc", "[::]:9000", "gRPC listen address, in grpcio's form"),
@@ -179,6 +182,7 @@ class Settings:
     first_prompt: str | None = None
     db: str = DEFAULT_DB
     db_pool_size: int = 5
+    db_turns: int = 10
     http: str = "tcp:8000"
     websocket: str = "tcp:9001"
     grpc: str = "[::]:9000"

@@ -106,7 +106,8 @@ class EasyBackend(MultiService):
         from easybackend.store import Store
 
         self.store = await Store.open(self.settings.db, reactor=self.reactor,
-                                      pool_size=self.settings.db_pool_size)
+                                      pool_size=self.settings.db_pool_size,
+                                      lock_pool_size=self.settings.db_turns)
         self.core = build_core(self.settings, self.store, self.reactor)
         # Load the tokenizer now, off the reactor thread, not at the first ask.
         self.core.warm_up()
