@@ -34,11 +34,9 @@ import asyncio
 import concurrent.futures
 import datetime
 import json
-import math
 import os
 import shutil
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import time
@@ -53,6 +51,8 @@ if __package__ in (None, ""):  # python bench/replicas.py
 
 from bench import procs  # noqa: E402
 from bench.procs import cpu_seconds  # noqa: E402
+from bench.run import _commit, log, pct  # noqa: E402
+from bench.run import fmt as run_fmt  # noqa: E402
 
 ROOT = procs.ROOT
 RESULTS = os.path.join(ROOT, "bench", "results")
@@ -84,18 +84,6 @@ QUICK = Plan(levels=[(1, 2, 5), (10, 2, 60), (50, 2, 150)], round_cap=10.0, budg
 
 
 # the helpers of bench.run (copied: that file is being edited)
-def log(*args: Any) -> None:
-    print(time.strftime("%H:%M:%S"), *args, flush=True)
-
-
-def pct(values: list[float], q: float) -> float | None:
-    """The q-th percentile (0-100), nearest-rank on sorted values."""
-    if not values:
-        return None
-    s = sorted(values)
-    return s[max(0, min(len(s) - 1, math.ceil(q / 100 * len(s)) - 1))]
-
-
 def ms(x: float | None, digits: int = 2) -> float | None:
     return None if x is None else round(x * 1000, digits)
 
@@ -635,20 +623,8 @@ async def main_async(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
     return result
 
 
-def _commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                              capture_output=True, text=True, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def fmt(x: Any, digits: int = 1) -> str:
-    if x is None:
-        return "–"
-    if isinstance(x, float):
-        return f"{x:.{digits}f}"
-    return str(x)
+    return run_fmt(x, digits)
 
 
 def table(result: dict[str, Any]) -> str:
