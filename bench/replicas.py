@@ -33,7 +33,6 @@ import argparse
 import asyncio
 import concurrent.futures
 import datetime
-import json
 import os
 import shutil
 import sqlite3
@@ -51,7 +50,7 @@ if __package__ in (None, ""):  # python bench/replicas.py
 
 from bench import procs  # noqa: E402
 from bench.procs import cpu_seconds  # noqa: E402
-from bench.run import _commit, log, pct  # noqa: E402
+from bench.run import _commit, log, pct, run_driver, save  # noqa: E402
 from bench.run import fmt as run_fmt  # noqa: E402
 
 ROOT = procs.ROOT
@@ -687,18 +686,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not args.no_wait:
         wait_for_others(20 * 60)
-    if not args.no_uvloop:
-        try:
-            import uvloop
-
-            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-        except ImportError:
-            pass
-    result = asyncio.run(main_async(args, plan))
-    os.makedirs(RESULTS, exist_ok=True)
-    out = args.out or os.path.join(RESULTS, "replicas-quick.json" if args.quick else "replicas.json")
-    with open(out, "w") as f:
-        json.dump(result, f, indent=2)
+    result = run_driver(main_async(args, plan), uvloop=not args.no_uvloop)
+    out = save(result, args.out or os.path.join(
+        RESULTS, "replicas-quick.json" if args.quick else "replicas.json"))
     log(f"wrote {out} in {result['duration_s'] / 60:.1f} min")
     print()
     print(table(result))

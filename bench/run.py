@@ -941,6 +941,26 @@ def write_doc(text: str) -> None:
     log(f"wrote {DOC}")
 
 
+def run_driver(coroutine: Any, uvloop: bool = True) -> Any:
+    """Run the load driver's coroutine, on uvloop when it is installed."""
+    if uvloop:
+        try:
+            import uvloop as _uvloop
+
+            asyncio.set_event_loop_policy(_uvloop.EventLoopPolicy())
+        except ImportError:
+            pass
+    return asyncio.run(coroutine)
+
+
+def save(result: dict[str, Any], path: str) -> str:
+    """Write a result as JSON; return its path."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke check, under 2 minutes")
@@ -983,18 +1003,9 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("bench: aiohttp is missing: pip install -e '.[bench]'", file=sys.stderr)
         return 2
-    if not args.no_uvloop:
-        try:
-            import uvloop
-
-            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-        except ImportError:
-            pass
-    result = asyncio.run(main_async(args, plan))
-    os.makedirs(RESULTS, exist_ok=True)
-    out = args.out or os.path.join(RESULTS, "quick.json" if args.quick else "latest.json")
-    with open(out, "w") as f:
-        json.dump(result, f, indent=2)
+    result = run_driver(main_async(args, plan), uvloop=not args.no_uvloop)
+    out = save(result, args.out or os.path.join(
+        RESULTS, "quick.json" if args.quick else "latest.json"))
     if (not args.quick or args.docs) and not args.no_docs:
         write_doc(markdown(result))
     log(f"wrote {out} in {result['duration_s'] / 60:.1f} min")

@@ -9,6 +9,8 @@ a WebSocket C{error} message).
 
 from __future__ import annotations
 
+import math
+
 
 class EasyBackendError(Exception):
     """A failure the client should be told about, with a stable code."""
@@ -97,6 +99,18 @@ class UpstreamTimeout(UpstreamError):
     """The upstream did not answer, or stalled, within the configured time."""
 
     code = "upstream_timeout"
+
+
+def retry_seconds(error: EasyBackendError) -> int | None:
+    """
+    Whole seconds a client should wait before retrying after C{error},
+    rounded up and at least 1 (as HTTP's C{Retry-After}), or C{None} when
+    the error says nothing about it.
+    """
+    retry_after = getattr(error, "retry_after", None)
+    if retry_after is None:
+        return None
+    return max(1, math.ceil(retry_after))
 
 
 class Unauthenticated(EasyBackendError):

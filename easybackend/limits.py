@@ -8,7 +8,8 @@ Counted in this process; with several replicas each counts its own share
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 from twisted.internet.interfaces import IReactorTime
 
@@ -68,3 +69,12 @@ class Limiter:
                     del self._open[key]
 
         return release
+
+    @contextmanager
+    def admitted(self, key: str | None) -> Iterator[None]:
+        """Hold one of C{key}'s places for a block; see L{acquire}."""
+        release = self.acquire(key)
+        try:
+            yield
+        finally:
+            release()

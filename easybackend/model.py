@@ -7,6 +7,7 @@ needs the reactor.
 from __future__ import annotations
 
 import re
+import uuid
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
 from attrs import asdict, field, frozen
@@ -32,6 +33,13 @@ def check_conversation_id(conversation_id: object) -> str:
             "A-Z a-z 0-9 . _ : -"
         )
     return conversation_id
+
+
+def request_id_or_new(given: object) -> str:
+    """A client's request id when it is one (1 to 128 printable characters), else a fresh one."""
+    if isinstance(given, str) and 0 < len(given) <= 128 and given.isprintable():
+        return given
+    return uuid.uuid4().hex
 
 
 @frozen

@@ -11,7 +11,7 @@ from __future__ import annotations
 import uuid
 from collections import OrderedDict
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine, Sequence, TypeVar
 
 from attrs import frozen
 from twisted.internet.defer import CancelledError, Deferred, DeferredLock, succeed
@@ -261,24 +261,30 @@ class ConversationService:
     async def _complete(
         self, request: CompleteRequest, on_piece: Callable[[str], None]
     ) -> Completion:
-        upstream = self.upstream
-        if upstream is None:
-            raise NoUpstream()
+        upstream = self._upstream()
         if not request.messages:
             raise BadRequest('"messages" must not be empty')
-        release = self.limiter.acquire(request.owner)
-        try:
-            temperature = request.temperature
-            if temperature is None:
-                temperature = self.settings.temperature
-            return await upstream.stream_chat(ChatRequest(
-                model=request.model or self.settings.model,
-                messages=request.messages,
-                temperature=temperature,
-                max_tokens=request.max_tokens,
+        with self.limiter.admitted(request.owner):
+            return await upstream.stream_chat(self._chat_request(
+                request, request.model or self.settings.model, request.messages,
             ), on_piece)
-        finally:
-            release()
+
+    def _upstream(self) -> Upstream:
+        """The upstream to call; L{NoUpstream} when none is configured."""
+        if self.upstream is None:
+            raise NoUpstream()
+        return self.upstream
+
+    def _chat_request(
+        self, request: AskRequest | CompleteRequest, model: str,
+        messages: Sequence[ChatMessage],
+    ) -> ChatRequest:
+        """The upstream request, with the server's default temperature."""
+        temperature = request.temperature
+        if temperature is None:
+            temperature = self.settings.temperature
+        return ChatRequest(model=model, messages=messages, temperature=temperature,
+                           max_tokens=request.max_tokens)
 
     def _track(self, d: "Deferred[T]") -> "Deferred[T]":
         """Count C{d} among the asks in flight until it ends."""
@@ -380,9 +386,7 @@ class ConversationService:
     async def _ask(
         self, request: AskRequest, on_piece: Callable[[str], None]
     ) -> Answer:
-        upstream = self.upstream
-        if upstream is None:
-            raise NoUpstream()
+        upstream = self._upstream()
         if not request.prompt.strip():
             raise BadRequest('"prompt" must not be empty')
         cid = request.conversation_id
@@ -390,11 +394,8 @@ class ConversationService:
             cid = new_conversation_id()
         else:
             check_conversation_id(cid)
-        release = self.limiter.acquire(request.owner)
-        try:
+        with self.limiter.admitted(request.owner):
             return await self._answer(request, cid, upstream, on_piece)
-        finally:
-            release()
 
     async def _answer(
         self, request: AskRequest, cid: str, upstream: Upstream,
@@ -415,8 +416,7 @@ class ConversationService:
                 conversation = await self._owned(cid, request.owner, missing_ok=True)
                 leaf = await self._leaf(conversation, cid, request.parent_id)
                 cached = self._branches.get(cid, leaf)
-                branch = cached if cached is not None else Branch.of(
-                    await self.store.branch(cid, leaf) if leaf else [])
+                branch = cached or Branch.of(await self.store.branch(cid, leaf))
                 exists = conversation is not None
                 system = conversation.system_prompt if conversation else None
                 created_model = conversation.model if conversation else None
@@ -430,22 +430,11 @@ class ConversationService:
             system_tokens = counter.count_message("system", system) if system else 0
             prompt_tokens = counter.count_message("user", request.prompt)
             start = fit(system_tokens, branch.messages, prompt_tokens, budget)
-            asked = ChatMessage("user", request.prompt)
             messages = [ChatMessage("system", system)] if system else []
             messages += branch.chat[start:]
-            messages.append(asked)
-            temperature = request.temperature
-            if temperature is None:
-                temperature = self.settings.temperature
+            messages.append(ChatMessage("user", request.prompt))
             completion = await upstream.stream_chat(
-                ChatRequest(
-                    model=model,
-                    messages=messages,
-                    temperature=temperature,
-                    max_tokens=request.max_tokens,
-                ),
-                on_piece,
-            )
+                self._chat_request(request, model, messages), on_piece)
             turn = Turn(
                 conversation_id=cid,
                 parent_id=leaf,
@@ -621,5 +610,4 @@ class ConversationService:
 
     async def _check_ready(self) -> None:
         await self.store.ping()
-        if self.upstream is None:
-            raise NoUpstream()
+        self._upstream()

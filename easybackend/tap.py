@@ -223,21 +223,19 @@ def build_upstream(settings: Settings, reactor: Any) -> Any:
     )
 
 
-def build_core(settings: Settings, store: Any, reactor: Any, upstream: Any = "default") -> Any:
+def build_core(settings: Settings, store: Any, reactor: Any) -> Any:
     """The conversation service over C{store}."""
     from easybackend.limits import Limiter
     from easybackend.observe import Observer
     from easybackend.service import ConversationService, CoreSettings
     from easybackend.tokens import load_token_counter
 
-    if upstream == "default":
-        upstream = build_upstream(settings, reactor)
     return ConversationService(
         limiter=Limiter(reactor, asks_per_minute=settings.asks_per_minute or None,
                         streams=settings.max_streams or None),
         observer=Observer(log_content=settings.log_content),
         store=store,
-        upstream=upstream,
+        upstream=build_upstream(settings, reactor),
         tokens=lambda: load_token_counter(settings.encoding, settings.model, clock=reactor),
         clock=reactor,
         settings=CoreSettings(

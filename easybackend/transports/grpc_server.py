@@ -19,11 +19,9 @@ gRPC status codes (see L{status_for}).
 
 from __future__ import annotations
 
-import math
 import queue
 import threading
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Sequence
 
@@ -38,7 +36,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from easybackend.auth import KeyRing
-from easybackend.errors import EasyBackendError, Unauthenticated, UpstreamError
+from easybackend.errors import EasyBackendError, Unauthenticated, UpstreamError, retry_seconds
 from easybackend.observe import AccessRecord
 from easybackend.model import (
     NEW,
@@ -48,6 +46,7 @@ from easybackend.model import (
     ConversationView,
     Message,
     Usage,
+    request_id_or_new,
 )
 from easybackend.proto import chat_pb2, chat_pb2_grpc
 
@@ -122,9 +121,9 @@ def status_for(
             metadata.append((UPSTREAM_STATUS_KEY, str(status)))
             if str(status) not in message:
                 message = f"upstream status {status}: {message}"
-    retry_after = getattr(error, "retry_after", None)
+    retry_after = retry_seconds(error)
     if retry_after is not None:
-        metadata.append((RETRY_AFTER_KEY, str(math.ceil(retry_after))))
+        metadata.append((RETRY_AFTER_KEY, str(retry_after)))
     return code, message, tuple(metadata)
 
 
@@ -380,9 +379,9 @@ class _Tracker:
 
 def _request_id(context: grpc.ServicerContext) -> str:
     for key, value in context.invocation_metadata() or ():
-        if key == REQUEST_ID_KEY and isinstance(value, str) and 0 < len(value) <= 128:
-            return value
-    return uuid.uuid4().hex
+        if key == REQUEST_ID_KEY:
+            return request_id_or_new(value)
+    return request_id_or_new(None)
 
 
 # --- the servicer ------------------------------------------------------------

@@ -10,10 +10,8 @@ an HTML page.
 from __future__ import annotations
 
 import json
-import math
-import uuid
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 from attrs import frozen
 from klein import Klein
@@ -33,10 +31,16 @@ from easybackend.errors import (
     EasyBackendError,
     RateLimited,
     Unauthenticated,
+    retry_seconds,
     RequestTooLarge,
     UpstreamError,
 )
-from easybackend.model import AskRequest, CompleteRequest, check_conversation_id
+from easybackend.model import (
+    AskRequest,
+    CompleteRequest,
+    check_conversation_id,
+    request_id_or_new,
+)
 from easybackend.observe import AccessRecord
 from easybackend.service import ConversationService
 from easybackend.transports import openai_api as oa, pages
@@ -131,22 +135,24 @@ class WebApp:
         @raise Unauthenticated: keys are on and the key is missing or wrong.
         """
         started = self.clock.seconds()
-        owner: list[str | None] = [None]
 
-        def done(_: object) -> None:
-            self.service.observer.record(AccessRecord(
-                transport="http", kind="request", status=str(request.code),
-                latency=self.clock.seconds() - started,
-                request_id=request.getHeader("x-request-id"), key=owner[0]))
+        def log_when_done(owner: str | None) -> None:
+            def done(_: object) -> None:
+                self.service.observer.record(AccessRecord(
+                    transport="http", kind="request", status=str(request.code),
+                    latency=self.clock.seconds() - started,
+                    request_id=request.getHeader("x-request-id"), key=owner))
+
+            request.notifyFinish().addBoth(done)
 
         try:
-            owner[0] = self.settings.keys.name_of_header(request.getHeader("authorization"))
+            owner = self.settings.keys.name_of_header(request.getHeader("authorization"))
         except Unauthenticated:
-            request.notifyFinish().addBoth(done)
+            log_when_done(None)
             raise
         if log_access:
-            request.notifyFinish().addBoth(done)
-        return owner[0]
+            log_when_done(owner)
+        return owner
 
     def _body(self, request: IRequest, required: bool = True) -> dict[str, Any]:
         """The request's JSON object, within the size limit."""
@@ -384,16 +390,13 @@ class WebApp:
 
 def request_id(request: IRequest) -> str:
     """The client's C{X-Request-Id} (within reason), or a fresh one."""
-    given = request.getHeader("x-request-id")
-    if given and len(given) <= 128 and given.isprintable():
-        return given
-    return uuid.uuid4().hex
+    return request_id_or_new(request.getHeader("x-request-id"))
 
 
 def _error_headers(request: IRequest, error: EasyBackendError) -> None:
     """C{Retry-After} on 429, C{WWW-Authenticate} on 401."""
     if isinstance(error, RateLimited):
-        request.setHeader("retry-after", str(max(1, math.ceil(error.retry_after))))
+        request.setHeader("retry-after", str(retry_seconds(error)))
     elif isinstance(error, Unauthenticated):
         request.setHeader("www-authenticate", 'Bearer realm="easybackend"')
 

@@ -47,7 +47,6 @@ name owns every ask of the connection; the key itself is never logged.
 from __future__ import annotations
 
 import json
-import math
 import secrets
 from typing import Any, Callable, Iterable
 
@@ -72,7 +71,13 @@ from twisted.python.failure import Failure
 
 from easybackend import wire
 from easybackend.auth import KeyRing
-from easybackend.errors import BadRequest, EasyBackendError, RateLimited, Unauthenticated
+from easybackend.errors import (
+    BadRequest,
+    EasyBackendError,
+    RateLimited,
+    Unauthenticated,
+    retry_seconds,
+)
 from easybackend.model import Answer, AskRequest
 from easybackend.observe import AccessRecord
 
@@ -135,10 +140,8 @@ def _valid_id(value: object) -> bool:
 
 
 def _retry_after(error: EasyBackendError) -> int | None:
-    """Whole seconds to wait before retrying, as HTTP's C{Retry-After}."""
-    if isinstance(error, RateLimited):
-        return max(1, math.ceil(error.retry_after))
-    return None
+    """Whole seconds to wait before retrying over a per-key limit."""
+    return retry_seconds(error) if isinstance(error, RateLimited) else None
 
 
 def _error_id(message: object) -> object:
