@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 import uuid
+from functools import cached_property
+from json.encoder import encode_basestring
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
 from attrs import asdict, field, frozen
@@ -199,13 +201,27 @@ class Answer:
 
 @frozen
 class ChatMessage:
-    """One message of a Chat Completions request."""
+    """
+    One message of a Chat Completions request.  As history, C{tokens} is
+    what it costs in a request (stored with it); elsewhere 0.
+    """
 
     role: str
     content: str
+    tokens: int = field(default=0, eq=False, repr=False)
 
     def to_dict(self) -> dict[str, str]:
         return {"role": self.role, "content": self.content}
+
+    @cached_property
+    def json(self) -> str:
+        """
+        Its JSON, as C{json.dumps(self.to_dict(), ensure_ascii=False)}
+        with no spaces would write it; made once, since a conversation's
+        history goes upstream again at every turn.
+        """
+        return '{"role":%s,"content":%s}' % (
+            encode_basestring(self.role), encode_basestring(self.content))
 
 
 @frozen
@@ -306,6 +322,20 @@ class Message:
             "finish_reason": self.finish_reason,
             "usage": self.usage.to_dict() if self.usage else None,
         }
+
+
+@frozen
+class TurnContext:
+    """
+    What a new turn continues, read in one transaction: the conversation
+    (C{None}: not created yet), the message the turn continues from
+    (C{None}: the start) and the branch down to it, root first, as history
+    (C{None} when the caller said it has that branch already).
+    """
+
+    conversation: Conversation | None
+    leaf: str | None
+    history: list[ChatMessage] | None
 
 
 @frozen

@@ -32,7 +32,6 @@ from easybackend.model import (
     Completion,
     Conversation,
     ConversationView,
-    Message,
     Turn,
     Upstream,
     check_conversation_id,
@@ -74,23 +73,14 @@ def new_conversation_id() -> str:
 @frozen
 class Branch:
     """
-    A conversation's branch, root first: the stored messages (their roles
-    and token counts, for the budget) and the same as chat messages.
+    A conversation's branch, root first, as history: each message's role,
+    content and stored token count (for the budget), its JSON made once.
     """
 
-    messages: list[Message]
-    chat: list[ChatMessage]
+    messages: list[ChatMessage]
 
-    @classmethod
-    def of(cls, messages: list[Message]) -> "Branch":
-        return cls(messages, [ChatMessage(m.role, m.content) for m in messages])
-
-    def extended(self, prompt: Message, answer: Message) -> "Branch":
-        return Branch(
-            [*self.messages, prompt, answer],
-            [*self.chat, ChatMessage("user", prompt.content),
-             ChatMessage("assistant", answer.content)],
-        )
+    def extended(self, prompt: ChatMessage, answer: ChatMessage) -> "Branch":
+        return Branch([*self.messages, prompt, answer])
 
 
 @frozen
@@ -109,26 +99,18 @@ class Known:
 
 class BranchCache:
     """
-    What was last written of each recent conversation, keyed by its leaf,
-    so that a turn continuing it reads no history from the store.  Leaf
-    ids are unique and server-made, so a turn of another replica, a
-    rollback or a delete and re-creation only make L{get} miss.  When this
-    process is the only writer, L{latest} is current as long as L{forget}
-    is called on rollback and delete.  At most C{size} conversations.
+    What was last written of each recent conversation, so that a turn
+    continuing it reads no history from the store.  When this process is
+    the only writer, L{latest} is current as long as L{forget} is called on
+    rollback and delete; otherwise its leaf is only a hint for
+    L{Store.turn_context}, which reads the history again unless the
+    conversation's leaf is still that one (leaf ids are unique and
+    server-made).  At most C{size} conversations.
     """
 
     def __init__(self, size: int = 256) -> None:
         self._size = size
         self._entries: OrderedDict[str, Known] = OrderedDict()
-
-    def get(self, cid: str, leaf: str | None) -> Branch | None:
-        if leaf is None:
-            return Branch([], [])
-        known = self._entries.get(cid)
-        if known is None or known.leaf != leaf:
-            return None
-        self._entries.move_to_end(cid)
-        return known.branch
 
     def latest(self, cid: str) -> Known | None:
         known = self._entries.get(cid)
@@ -413,10 +395,17 @@ class ConversationService:
                 system, created_model = known.system_prompt, known.model
                 exists = True
             else:
-                conversation = await self._owned(cid, request.owner, missing_ok=True)
-                leaf = await self._leaf(conversation, cid, request.parent_id)
-                cached = self._branches.get(cid, leaf)
-                branch = cached or Branch.of(await self.store.branch(cid, leaf))
+                cached = self._branches.latest(cid)
+                context = await self.store.turn_context(
+                    cid, request.parent_id, cached.leaf if cached else None)
+                conversation, leaf = context.conversation, context.leaf
+                if conversation is not None and conversation.owner != request.owner:
+                    raise NotFound(f"conversation {cid!r} not found")
+                if context.history is not None:
+                    branch = Branch(context.history)
+                else:
+                    assert cached is not None
+                    branch = cached.branch
                 exists = conversation is not None
                 system = conversation.system_prompt if conversation else None
                 created_model = conversation.model if conversation else None
@@ -431,7 +420,7 @@ class ConversationService:
             prompt_tokens = counter.count_message("user", request.prompt)
             start = fit(system_tokens, branch.messages, prompt_tokens, budget)
             messages = [ChatMessage("system", system)] if system else []
-            messages += branch.chat[start:]
+            messages += branch.messages[start:]
             messages.append(ChatMessage("user", request.prompt))
             completion = await upstream.stream_chat(
                 self._chat_request(request, model, messages), on_piece)
@@ -456,10 +445,8 @@ class ConversationService:
             self._branches.put(cid, Known(
                 leaf=answer_id,
                 branch=branch.extended(
-                    Message(prompt_id, cid, leaf, "user", turn.prompt, turn.prompt_tokens, now),
-                    Message(answer_id, cid, prompt_id, "assistant", turn.answer,
-                            turn.answer_tokens, now, turn.model, turn.finish_reason,
-                            turn.usage),
+                    ChatMessage("user", turn.prompt, turn.prompt_tokens),
+                    ChatMessage("assistant", turn.answer, turn.answer_tokens),
                 ),
                 owner=request.owner,
                 system_prompt=system,
@@ -476,16 +463,6 @@ class ConversationService:
             upstream_status=completion.status,
             retries=completion.retries,
         )
-
-    async def _leaf(
-        self, conversation: Conversation | None, cid: str, parent_id: str | None
-    ) -> str | None:
-        """The message the new turn continues from."""
-        if parent_id is None:
-            return conversation.leaf_id if conversation else None
-        if conversation is None or await self.store.get_message(cid, parent_id) is None:
-            raise NotFound(f"message {parent_id!r} not found in conversation {cid!r}")
-        return parent_id
 
     @asynccontextmanager
     async def _held(self, cid: str) -> AsyncIterator[None]:

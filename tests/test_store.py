@@ -24,7 +24,7 @@ from twisted.trial.unittest import TestCase
 
 import easybackend
 from easybackend.errors import BadRequest, LockTimeout, NotFound
-from easybackend.model import Turn, Usage
+from easybackend.model import Turn, TurnContext, Usage
 from easybackend.store import (
     POSTGRES,
     SQLITE,
@@ -442,6 +442,38 @@ class ReadTests(_Shared):
             ["prompt 0", "answer 0", "instead", "hi there"],
         )
         self.assertEqual(len(await store.branch("c1", answers[-1])), 6)
+
+    async def test_turn_context(self) -> None:
+        """
+        When a turn's context is read, then it holds the conversation, the
+        message the turn continues (the leaf, or the given parent) and the
+        branch down to it as history with each message's stored tokens;
+        the history is left out when the caller already has the
+        conversation's current leaf, and a parent of another conversation
+        is not found.
+        """
+        store = await self.open()
+        answers = await self.chain(store, 3)
+        [other] = await self.chain(store, 1, "c2")
+        context = await store.turn_context("c1", None)
+        assert context.conversation is not None and context.history is not None
+        self.assertEqual(context.leaf, answers[-1])
+        self.assertEqual(context.conversation.id, "c1")
+        stored = await store.branch("c1", answers[-1])
+        self.assertEqual([(m.role, m.content, m.tokens) for m in context.history],
+                         [(m.role, m.content, m.tokens) for m in stored])
+        earlier = await store.turn_context("c1", answers[0])
+        self.assertEqual(earlier.leaf, answers[0])
+        self.assertEqual([m.content for m in earlier.history or []],
+                         ["prompt 0", "answer 0"])
+        known = await store.turn_context("c1", None, answers[-1])
+        self.assertEqual((known.leaf, known.history), (answers[-1], None))
+        moved = await store.turn_context("c1", None, answers[0])
+        self.assertEqual(len(moved.history or []), 6)
+        self.assertEqual(await store.turn_context("c3", None), TurnContext(None, None, []))
+        for cid, parent in [("c1", other), ("c1", "msg_nope"), ("c3", answers[0])]:
+            with self.assertRaises(NotFound):
+                await store.turn_context(cid, parent)
 
     async def test_branch_of_nothing(self) -> None:
         """
@@ -932,26 +964,24 @@ class PostgresCommitTurnTests(CommitTurnTests, PostgresCase):
 class SQLiteReadTests(ReadTests, SQLiteCase):
     """Reading messages and branches, on SQLite."""
 
-    async def test_branch_by_primary_key(self) -> None:
+    async def test_branch_by_conversation_index(self) -> None:
         """
-        When a branch is read, then each step up the tree is a primary-key
-        lookup, never a scan of the messages table.
+        When a branch is read, then only its conversation's messages are
+        read, through the conversation index, never a scan of the
+        messages table.
         """
         store = await self.open()
-        answers = await self.chain(store, 5)
-        from easybackend.store import _PATH
+        await self.chain(store, 5)
+        from easybackend.store import _CONVERSATION_MESSAGES
 
         plan = await self.raw(
-            "EXPLAIN QUERY PLAN " + _PATH
-            + "SELECT m.* FROM path JOIN messages AS m ON m.id = path.id"
-            " ORDER BY path.depth DESC",
-            (answers[-1], "c1"),
+            "EXPLAIN QUERY PLAN "
+            + _CONVERSATION_MESSAGES.format(columns="id, parent_id, role, content"),
+            ("c1",),
         )
         details = [row[-1] for row in plan]
-        self.assertFalse(
-            [d for d in details if d.startswith("SCAN") and d != "SCAN path"],
-            details,
-        )
+        self.assertEqual(len(details), 1, details)
+        self.assertIn("USING INDEX messages_by_conversation", details[0])
 
 
 class PostgresReadTests(ReadTests, PostgresCase):

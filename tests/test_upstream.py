@@ -576,6 +576,25 @@ class _Resource(Resource):
 class StreamTests(SynchronousTestCase):
     """What the client sends, and what it makes of what it receives."""
 
+    def test_messages_json(self) -> None:
+        """
+        When messages hold quotes, backslashes, control characters, line
+        separators or non-ASCII text, then each is sent as the JSON that
+        C{json.dumps} makes of it, and reads back unchanged.
+        """
+        import json
+
+        texts = ['say "hi"\\n', "tab\tnew\nline\x00\x1f", "é ü 日本 \u2028 \U0001f600", ""]
+        messages = [ChatMessage(role, text) for role in ("user", "assistant") for text in texts]
+        h = Harness()
+        self.successResultOf(h.ask(ChatRequest(model="m", messages=messages)))
+        [request] = h.fake.requests
+        self.assertEqual(request.body["messages"],
+                         [m.to_dict() for m in messages])
+        for m in messages:
+            self.assertEqual(m.json, json.dumps(
+                m.to_dict(), ensure_ascii=False, separators=(",", ":")))
+
     def test_request(self) -> None:
         """
         When a call is made, then it POSTs the streaming request with usage
