@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import re
 import uuid
-from functools import cached_property
 from json.encoder import encode_basestring
+from operator import itemgetter
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
 from attrs import asdict, field, frozen
@@ -199,29 +199,51 @@ class Answer:
 # --- what the core sends upstream, and gets back --------------------------
 
 
-@frozen
-class ChatMessage:
+class ChatMessage(tuple):  # type: ignore[type-arg]
     """
-    One message of a Chat Completions request.  As history, C{tokens} is
-    what it costs in a request (stored with it); elsewhere 0.
+    One message of a Chat Completions request: C{role} and C{content}; as
+    history, also C{tokens}, what it costs in a request (stored with it;
+    elsewhere 0).  C{json} is its JSON, as C{json.dumps(self.to_dict(),
+    ensure_ascii=False)} with no spaces would write it, made once since a
+    conversation's history goes upstream again at every turn.
+
+    A value like the C{attrs} classes here (immutable, equal by role and
+    content), but a tuple underneath: a cold read of a long conversation
+    makes one per stored message, and this costs two thirds of what
+    C{attrs}' frozen C{__init__} does.
     """
 
-    role: str
-    content: str
-    tokens: int = field(default=0, eq=False, repr=False)
+    __slots__ = ()
+
+    def __new__(cls, role: str, content: str, tokens: int = 0) -> "ChatMessage":
+        return tuple.__new__(cls, (role, content, tokens, '{"role":%s,"content":%s}' % (
+            encode_basestring(role), encode_basestring(content))))
+
+    role: str = property(itemgetter(0))  # type: ignore[assignment]
+    content: str = property(itemgetter(1))  # type: ignore[assignment]
+    tokens: int = property(itemgetter(2))  # type: ignore[assignment]
+    json: str = property(itemgetter(3))  # type: ignore[assignment]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ChatMessage):
+            return NotImplemented
+        return self[:2] == other[:2]
+
+    def __ne__(self, other: object) -> bool:
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
+
+    def __hash__(self) -> int:
+        return hash(self[:2])
+
+    def __repr__(self) -> str:
+        return f"ChatMessage(role={self[0]!r}, content={self[1]!r})"
+
+    def __getnewargs__(self) -> tuple[str, str, int]:
+        return self[:3]
 
     def to_dict(self) -> dict[str, str]:
-        return {"role": self.role, "content": self.content}
-
-    @cached_property
-    def json(self) -> str:
-        """
-        Its JSON, as C{json.dumps(self.to_dict(), ensure_ascii=False)}
-        with no spaces would write it; made once, since a conversation's
-        history goes upstream again at every turn.
-        """
-        return '{"role":%s,"content":%s}' % (
-            encode_basestring(self.role), encode_basestring(self.content))
+        return {"role": self[0], "content": self[1]}
 
 
 @frozen
