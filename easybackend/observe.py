@@ -12,7 +12,7 @@ import json
 import time
 from typing import IO, Any
 
-from attrs import asdict, define, field, frozen
+from attrs import define, field, fields, frozen
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from twisted.logger import (
     FileLogObserver,
@@ -52,6 +52,11 @@ class AccessRecord:
     answer: str | None = field(default=None, repr=False)
 
 
+#: the access line's fields, in order (read one by one: C{attrs.asdict}
+#: costs several times more, once per ask)
+_FIELDS = tuple(a.name for a in fields(AccessRecord))
+
+
 class Metrics:
     """The Prometheus metrics of one server, in a registry of its own."""
 
@@ -87,7 +92,8 @@ class Observer:
 
     def record(self, record: AccessRecord) -> None:
         """Log one finished request or ask and count it."""
-        fields = {k: v for k, v in asdict(record).items() if v is not None}
+        fields = {name: value for name in _FIELDS
+                  if (value := getattr(record, name)) is not None}
         if not self.log_content:
             fields.pop("prompt", None)
             fields.pop("answer", None)

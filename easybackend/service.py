@@ -209,9 +209,12 @@ class ConversationService:
         self._in_flight: set[Deferred[Answer]] = set()
         self._idle: list[Deferred[None]] = []
 
-    def warm_up(self) -> None:
-        """Start loading what the first ask needs, so that it does not wait."""
-        self._tokens().addErrback(lambda f: None)
+    def warm_up(self) -> "Deferred[None]":
+        """
+        Start loading what the first ask needs, so that it does not wait;
+        fires when loaded (or failed: the first ask tries again).
+        """
+        return self._tokens().addCallbacks(lambda _: None, lambda f: None)
 
     # -- asking ------------------------------------------------------------
 

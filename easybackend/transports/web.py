@@ -265,7 +265,8 @@ class WebApp:
         request.setHeader("cache-control", "no-store")
         request.setHeader("x-accel-buffering", "no")
         self._cors(request)
-        request.write(b"")
+        # The headers go out with the first event: sent now, they would wake
+        # the client before the upstream request has left.
         keepalive = KeepAlive(request, self.settings.keepalive_interval, self.clock)
 
         def piece(text: str) -> None:
@@ -350,7 +351,7 @@ class WebApp:
         request.setHeader("content-type", "text/event-stream; charset=utf-8")
         request.setHeader("cache-control", "no-store")
         self._cors(request)
-        request.write(b"")
+        # The headers go out with the first chunk (see _ask_events).
         out = oa.CompletionStream(request.write, model, include_usage)
         try:
             result = await run(out.piece)
