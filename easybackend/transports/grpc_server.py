@@ -10,7 +10,8 @@ server stops), grpcio runs the callback registered with
 C{context.add_callback}: it cancels the service's Deferred on the reactor
 (the upstream request is closed, nothing is stored) and puts a sentinel in
 the queue, since a thread blocked on C{queue.get} would not notice the
-cancel by itself.
+cancel by itself.  Pieces that queued up while a handler was sending go
+to the client joined in one C{AskResponse} (see L{_ReactorCall}).
 
 The transport only translates: protobuf messages to L{AskRequest}s and
 service calls, results to protobuf messages, and L{EasyBackendError}s to
@@ -276,6 +277,16 @@ class _ReactorCall:
     One RPC's link to the reactor: a service call started on the reactor
     thread, whose pieces and outcome a handler thread reads from a queue.
 
+    Every message a handler sends costs several thread wake-ups (grpcio's
+    sync server waits for each send to complete, which its polling thread
+    reports), each with a GIL hand-off; that, not the Python code, is most
+    of the transport's cost.  So a handler that finds several pieces queued
+    (they came while it was sending the last message) sends them as one
+    message (L{get_pieces}): a stream that fell behind catches up at once,
+    and costs less.  A piece never waits for more.  The queue is a
+    C{queue.SimpleQueue} (one C call to put, one to take), and once the
+    result is queued, cancelling is a no-op that does not wake the reactor.
+
     @ivar poll: how often, in seconds, a waiting handler thread checks that
         its RPC is still active, in case the wake-up was missed.
     """
@@ -285,9 +296,13 @@ class _ReactorCall:
     def __init__(self, reactor: Any, context: grpc.ServicerContext) -> None:
         self._reactor = reactor
         self._context = context
-        self._queue: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._queue: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._lock = threading.Lock()
+        #: the call is over: cancelled, or its result or failure was queued;
+        #: set under C{_lock}
         self._ended = False
+        #: what the handler thread took from the queue but has not used yet
+        self._next: tuple[str, Any] | None = None
         # touched on the reactor thread only
         self._deferred: Deferred | None = None
         self._cancelled = False
@@ -299,18 +314,44 @@ class _ReactorCall:
         the queue."""
         if not self._context.add_callback(self.cancel):
             # The RPC is already over: start nothing.
+            self._ended = True
             self._queue.put((_ENDED, None))
             return
         self._reactor.callFromThread(self._start, function, args)
 
     def get(self) -> tuple[str, Any]:
         """The next piece, result, failure or end, blocking."""
+        item, self._next = self._next, None
+        if item is not None:
+            return item
+        get = self._queue.get
         while True:
             try:
-                return self._queue.get(timeout=self.poll)
+                return get(timeout=self.poll)
             except queue.Empty:
                 if not self._context.is_active():
                     return (_ENDED, None)
+
+    def get_pieces(self) -> tuple[str, Any]:
+        """
+        Like L{get}, but a piece comes joined with the pieces queued right
+        behind it: every piece already there, never waiting for more.
+        """
+        kind, value = self.get()
+        if kind != _PIECE:
+            return kind, value
+        q = self._queue
+        if q.empty():
+            return kind, value
+        pieces = [value]
+        # Only this thread takes from the queue: what is there stays there.
+        while not q.empty():
+            item = q.get_nowait()
+            if item[0] != _PIECE:
+                self._next = item
+                break
+            pieces.append(item[1])
+        return kind, "".join(pieces)
 
     def cancel(self) -> None:
         """
@@ -336,13 +377,20 @@ class _ReactorCall:
         self._deferred = d
         d.addCallbacks(self._done, self._failed)
 
-    def _done(self, result: Any) -> None:
+    def _finish(self, item: tuple[str, Any]) -> None:
         self._deferred = None
-        self._queue.put((_RESULT, result))
+        # Over: the handler's final cancel, and grpcio's callback at the
+        # end of the RPC, have nothing left to cancel, and need not wake
+        # the reactor for it.
+        with self._lock:
+            self._ended = True
+        self._queue.put(item)
+
+    def _done(self, result: Any) -> None:
+        self._finish((_RESULT, result))
 
     def _failed(self, failure: Failure) -> None:
-        self._deferred = None
-        self._queue.put((_FAILURE, failure))
+        self._finish((_FAILURE, failure))
 
     def _cancel(self) -> None:
         self._cancelled = True
@@ -463,7 +511,8 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
         call.start(self.service.ask, ask, call.put_piece)
         try:
             while True:
-                kind, value = call.get()
+                # the pieces queued while the last message was sent go as one
+                kind, value = call.get_pieces()
                 if kind == _PIECE:
                     yield chat_pb2.AskResponse(response=value)
                 elif kind == _RESULT:
