@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 import uuid
-from json.encoder import encode_basestring
 from operator import itemgetter
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
@@ -16,6 +15,7 @@ from attrs import asdict, field, frozen
 from twisted.internet.defer import Deferred
 
 from easybackend.errors import BadRequest
+from easybackend.wire import json_string
 
 #: Conversation ids the server accepts: no path separators, no surprises.
 CONVERSATION_ID = re.compile(r"\A[A-Za-z0-9._:-]{1,128}\Z")
@@ -217,7 +217,7 @@ class ChatMessage(tuple):  # type: ignore[type-arg]
 
     def __new__(cls, role: str, content: str, tokens: int = 0) -> "ChatMessage":
         return tuple.__new__(cls, (role, content, tokens, '{"role":%s,"content":%s}' % (
-            encode_basestring(role), encode_basestring(content))))
+            json_string(role), json_string(content))))
 
     role: str = property(itemgetter(0))  # type: ignore[assignment]
     content: str = property(itemgetter(1))  # type: ignore[assignment]

@@ -131,3 +131,32 @@ class UpstreamFailureTests(TestCase):
         (await next_call).d.errback(UpstreamRateLimited("slow down", status=429, retry_after=2))
         with self.assertRaises(openai.RateLimitError):
             await within(d, 20)
+
+
+class CompletionStreamTests(TestCase):
+    """The chunks of a streamed answer, as bytes on the wire."""
+
+    def test_pieces_with_any_text(self) -> None:
+        """
+        When pieces hold quotes, backslashes, newlines, control and
+        non-ASCII characters, and the model's name holds the character the
+        chunk template is cut at, then every content chunk is one
+        C{chat.completion.chunk} whose delta is exactly the piece.
+        """
+        import json
+
+        from easybackend.transports.openai_api import CompletionStream
+
+        written: list[bytes] = []
+        stream = CompletionStream(written.append, "odd\x00model", include_usage=True)
+        texts = ['say "hi"\\', "line\nnext\x00\x1f", "é 日本 \u2028 \U0001f600", ""]
+        for text in texts:
+            stream.piece(text)
+        chunks = [json.loads(w.decode("utf-8").removeprefix("data: ")) for w in written]
+        self.assertEqual(chunks[0]["choices"][0]["delta"], {"role": "assistant", "content": ""})
+        self.assertEqual([c["choices"][0]["delta"] for c in chunks[1:]],
+                         [{"content": t} for t in texts])
+        for c in chunks:
+            self.assertEqual((c["object"], c["model"], c["usage"], c["id"]),
+                             ("chat.completion.chunk", "odd\x00model", None, stream.id))
+            self.assertTrue(all(w.endswith(b"\n\n") and w.count(b"\n\n") == 1 for w in written))

@@ -24,6 +24,7 @@ from twisted.web.iweb import IRequest
 from easybackend.errors import BadRequest, EasyBackendError, UpstreamError
 from easybackend.model import NEW, AskRequest, ChatMessage, CompleteRequest, Usage
 from easybackend.service import new_conversation_id
+from easybackend.wire import json_string
 
 CONVERSATION_HEADER = "x-conversation-id"
 ROLES = {"system", "developer", "user", "assistant"}
@@ -142,9 +143,16 @@ class CompletionStream:
         self._write = write
         self._include_usage = include_usage
         self._started = False
+        self._piece_head: bytes | None = None
+        self._piece_tail = b""
 
     def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None,
                usage: Usage | None = None, choices: bool = True) -> None:
+        self._write(self._dumps(delta, finish_reason, usage, choices).encode("utf-8"))
+
+    def _dumps(self, delta: dict[str, Any], finish_reason: str | None = None,
+               usage: Usage | None = None, choices: bool = True) -> str:
+        """One chunk as an SSE C{data:} event."""
         chunk = {
             "id": self.id, "object": "chat.completion.chunk", "created": self.created,
             "model": self.model, "system_fingerprint": None,
@@ -155,7 +163,7 @@ class CompletionStream:
             chunk["usage"] = usage.to_dict()
         elif self._include_usage:
             chunk["usage"] = None
-        self._write(b"data: " + json.dumps(chunk, ensure_ascii=False).encode("utf-8") + b"\n\n")
+        return "data: " + json.dumps(chunk, ensure_ascii=False) + "\n\n"
 
     def start(self) -> None:
         if not self._started:
@@ -164,7 +172,14 @@ class CompletionStream:
 
     def piece(self, text: str) -> None:
         self.start()
-        self._chunk({"content": text})
+        if self._piece_head is None:
+            # self._chunk({"content": text}) with the text left out, made
+            # once: each piece only adds its text
+            marker = "\x00"
+            # (the last one: a model name may hold the marker too)
+            head, _, tail = self._dumps({"content": marker}).rpartition(json_string(marker))
+            self._piece_head, self._piece_tail = head.encode("utf-8"), tail.encode("utf-8")
+        self._write(self._piece_head + json_string(text).encode("utf-8") + self._piece_tail)
 
     def finish(self, model: str, finish_reason: str | None, usage: Usage | None) -> None:
         self.start()

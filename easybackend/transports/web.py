@@ -271,7 +271,9 @@ class WebApp:
 
         def piece(text: str) -> None:
             keepalive.wrote()
-            request.write(event("delta", {"text": text}))
+            # event("delta", {"text": text}), without json.dumps per piece
+            request.write(b'event: delta\ndata: {"text": %s}\n\n'
+                          % wire.json_string(text).encode("utf-8"))
 
         try:
             answer = await self.service.ask(ask, piece)

@@ -345,10 +345,12 @@ class ChatServerProtocol(WebSocketServerProtocol):
             self._send_error(ask_id, e.code, e.message)
             return
         ask = _Ask(ask_id)
+        # {"type": "delta", "id": ask_id, "text": piece}, the head made once
+        delta = '{"type": "delta", "id": %s, "text": ' % json.dumps(ask_id, ensure_ascii=False)
 
         def on_piece(piece: str) -> None:
             if ask.active:
-                self._send_json({"type": "delta", "id": ask_id, "text": piece})
+                self._send(delta + wire.json_string(piece) + "}")
 
         def done(answer: Answer) -> None:
             reply = answer.to_dict()
