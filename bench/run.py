@@ -495,7 +495,8 @@ async def history_phase(bench: Bench, ports: dict[str, int],
       grows by at most ~2 messages a round;
     - from the store: every ask continues from the same imported message
       (C{parent_id}), as a regenerate or the first ask after a restart
-      does, so the history must be read again and stays exactly that long.
+      does, so the history must be read again and stays exactly that long
+      (each ask adds its two messages beside it, off the branch).
     """
     from bench.clients import SSEClient
 
@@ -766,7 +767,8 @@ def markdown(result: dict[str, Any]) -> str:
                  "grows slowly: the messages column gives it at the first and the last ask). "
                  "*From the store*: every ask continues from the same imported message "
                  "(`parent_id`, as a regenerate or the first ask after a restart), so the "
-                 "history is read again each time and stays exactly that long.\n")
+                 "history is read again each time and stays exactly that long "
+                 "(each ask adds its two messages beside it, off the branch).\n")
         L.append("| kind | history (messages) | asks | server CPU ms/ask | fake CPU ms/ask "
                  "| first piece p50 ms | whole answer p50 ms |")
         L.append("|---|---|---|---|---|---|---|")
