@@ -47,11 +47,15 @@ class AskRouteTests(TestCase):
     async def test_ask_new_then_memory(self) -> None:
         """
         When a client asks on C{new} and then on the returned id, then the
-        second answer sees the first turn, and the conversation lists both.
+        second answer sees the first turn, and the conversation lists both;
+        a JSON answer comes with its length, not in chunks.
         """
         code, first, headers = await call("POST", self.url + "/ask/new", {"prompt": "Hello"})
         self.assertEqual(code, 200)
         self.assertEqual(headers.getRawHeaders("content-type"), ["application/json; charset=utf-8"])
+        response = await within(treq.get(self.url + "/healthz", persistent=False))
+        body = await within(treq.content(response))
+        self.assertEqual(response.length, len(body))  # a Content-Length, not chunks
         self.assertEqual(set(first), {"conversation_id", "message_id", "response",
                                       "model", "usage", "finish_reason"})
         self.assertIn("Hello", first["response"])

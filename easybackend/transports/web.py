@@ -124,7 +124,10 @@ class WebApp:
         request.setHeader("content-type", "application/json; charset=utf-8")
         request.setHeader("cache-control", "no-store")
         self._cors(request)
-        return json.dumps(body, ensure_ascii=False).encode("utf-8")
+        data = json.dumps(body, ensure_ascii=False).encode("utf-8")
+        # A length, not chunks: one write, and clients know the size.
+        request.setHeader("content-length", b"%d" % len(data))
+        return data
 
     def _caller(self, request: IRequest, log_access: bool = True) -> str | None:
         """
