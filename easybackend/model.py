@@ -352,12 +352,14 @@ class TurnContext:
     What a new turn continues, read in one transaction: the conversation
     (C{None}: not created yet), the message the turn continues from
     (C{None}: the start) and the branch down to it, root first, as history
-    (C{None} when the caller said it has that branch already).
+    (C{None} when the caller said it has that branch already) with the
+    stored messages' ids.
     """
 
     conversation: Conversation | None
     leaf: str | None
     history: list[ChatMessage] | None
+    ids: list[str] = field(factory=list)
 
 
 @frozen

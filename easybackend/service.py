@@ -74,13 +74,29 @@ def new_conversation_id() -> str:
 class Branch:
     """
     A conversation's branch, root first, as history: each message's role,
-    content and stored token count (for the budget), its JSON made once.
+    content and stored token count (for the budget), its JSON made once,
+    and, beside them, the stored messages' ids.
     """
 
     messages: list[ChatMessage]
+    ids: list[str]
 
-    def extended(self, prompt: ChatMessage, answer: ChatMessage) -> "Branch":
-        return Branch([*self.messages, prompt, answer])
+    def extended(
+        self, prompt_id: str, prompt: ChatMessage, answer_id: str, answer: ChatMessage
+    ) -> "Branch":
+        return Branch([*self.messages, prompt, answer], [*self.ids, prompt_id, answer_id])
+
+    def upto(self, message_id: str) -> "Branch | None":
+        """
+        The branch from the root down to C{message_id}, if it is on this
+        one (stored messages never change, so a regenerate can start from
+        here without reading the store).
+        """
+        try:
+            end = self.ids.index(message_id) + 1
+        except ValueError:
+            return None
+        return Branch(self.messages[:end], self.ids[:end])
 
 
 @frozen
@@ -389,12 +405,18 @@ class ConversationService:
         async with self._held(cid):
             counter = await self._tokens()
             known = self._branches.latest(cid) if self._exclusive else None
-            if known is not None and request.parent_id is None:
+            branch = None
+            if known is not None:
                 # This process wrote the conversation last: no store call
-                # before the answer starts.
+                # before the answer starts, for the next turn or for one
+                # from a message of the last branch (a regenerate).
                 if known.owner != request.owner:
                     raise NotFound(f"conversation {cid!r} not found")
-                leaf, branch = known.leaf, known.branch
+                if request.parent_id is None:
+                    leaf, branch = known.leaf, known.branch
+                else:
+                    leaf, branch = request.parent_id, known.branch.upto(request.parent_id)
+            if known is not None and branch is not None:
                 system, created_model = known.system_prompt, known.model
                 exists = True
             else:
@@ -405,7 +427,7 @@ class ConversationService:
                 if conversation is not None and conversation.owner != request.owner:
                     raise NotFound(f"conversation {cid!r} not found")
                 if context.history is not None:
-                    branch = Branch(context.history)
+                    branch = Branch(context.history, context.ids)
                 else:
                     assert cached is not None
                     branch = cached.branch
@@ -448,8 +470,8 @@ class ConversationService:
             self._branches.put(cid, Known(
                 leaf=answer_id,
                 branch=branch.extended(
-                    ChatMessage("user", turn.prompt, turn.prompt_tokens),
-                    ChatMessage("assistant", turn.answer, turn.answer_tokens),
+                    prompt_id, ChatMessage("user", turn.prompt, turn.prompt_tokens),
+                    answer_id, ChatMessage("assistant", turn.answer, turn.answer_tokens),
                 ),
                 owner=request.owner,
                 system_prompt=system,

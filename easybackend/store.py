@@ -1115,7 +1115,8 @@ class Store:
         if parent_id is not None and not path:
             raise NotFound(f"message {parent_id!r} not found in conversation {cid!r}")
         return TurnContext(
-            conversation, leaf, [ChatMessage(r[2], r[3], r[4]) for r in path])
+            conversation, leaf, [ChatMessage(r[2], r[3], r[4]) for r in path],
+            [r[0] for r in path])
 
     def list_conversations(
         self, limit: int, offset: int = 0, owner: str | None = None

@@ -562,6 +562,59 @@ class BranchCacheTests(TestCase):
                          ["one", "ONE", "two", "TWO", "four"])
 
 
+    async def test_regenerate_reads_no_history(self) -> None:
+        """
+        When a turn continues an earlier message of the branch this server
+        wrote last (a regenerate, C{parent_id}), then no history is read
+        from the store, the upstream gets the branch down to that message,
+        and the new turn becomes the branch that later turns continue; a
+        parent off that branch is read from the store.
+        """
+        from easybackend.testing.fixtures import open_store
+
+        reads: list[str | None] = []
+
+        class CountingStore:
+            def __init__(self, store: Any) -> None:
+                self._store = store
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(self._store, name)
+
+            def turn_context(self, cid: str, *args: Any) -> Any:
+                def read(context: Any) -> Any:
+                    if context.history:
+                        reads.append(context.leaf)
+                    return context
+                return self._store.turn_context(cid, *args).addCallback(read)
+
+        upstream = ScriptedUpstream()
+        core = await make_core(self, upstream, store=CountingStore(await open_store(self)))
+
+        async def turn(prompt: str, parent_id: str | None = None) -> tuple[Call, Any]:
+            next_call = upstream.next_call()
+            d = core.ask(ask(prompt, "rg", parent_id=parent_id), lambda p: None)
+            c = await next_call
+            c.piece(prompt.upper())
+            c.finish()
+            return c, await d
+
+        answers = [(await turn(prompt))[1] for prompt in ["one", "two", "three"]]
+        c, again = await turn("two again", answers[0].message_id)
+        self.assertEqual([content for _, content in c.prompts],
+                         ["one", "ONE", "two again"])
+        c, _ = await turn("next")
+        self.assertEqual([content for _, content in c.prompts],
+                         ["one", "ONE", "two again", "TWO AGAIN", "next"])
+        self.assertEqual(reads, [])
+        c, _ = await turn("three again", answers[1].message_id)
+        self.assertEqual([content for _, content in c.prompts],
+                         ["one", "ONE", "two", "TWO", "three again"])
+        self.assertEqual(reads, [answers[1].message_id])
+        view = await core.get_conversation("rg")
+        self.assertEqual([m.content for m in view.messages if m.role == "user"],
+                         ["one", "two", "three again"])
+
 class TokenCountTests(TestCase):
     """Stored token counts come from the upstream when it counted them."""
 

@@ -462,6 +462,7 @@ class ReadTests(_Shared):
         stored = await store.branch("c1", answers[-1])
         self.assertEqual([(m.role, m.content, m.tokens) for m in context.history],
                          [(m.role, m.content, m.tokens) for m in stored])
+        self.assertEqual(context.ids, [m.id for m in stored])
         earlier = await store.turn_context("c1", answers[0])
         self.assertEqual(earlier.leaf, answers[0])
         self.assertEqual([m.content for m in earlier.history or []],
