@@ -478,34 +478,58 @@ def history_files(directory: str, sizes: tuple[int, ...], names: dict[str, int])
 HOT_PER_WORKER = 8
 
 
+#: the kinds of history round: key, label in tables, label of the target
+HISTORY_KINDS = (
+    ("continuing", "continuing", "continuing turn"),
+    ("regenerate", "regenerate", "regenerate (parent_id on the last branch)"),
+    ("from_store", "from the store", "first ask, history read from the store"),
+)
+
+
 def history_names(plan: Plan) -> dict[str, int]:
-    conc = plan.history[2]
-    return {"hot": conc * HOT_PER_WORKER, "cold": conc}
+    rounds, n, conc = plan.history
+    # "fresh": one conversation for every from-the-store ask, and enough for
+    # its profile (at most about 60 asks a second)
+    return {"hot": conc * HOT_PER_WORKER, "cold": conc,
+            "fresh": rounds * fresh_asks(plan) + conc + 60 * plan.profile_seconds}
+
+
+def fresh_asks(plan: Plan) -> int:
+    """
+    How many from-the-store asks a history round makes, per size: few
+    enough that the conversations they add (the server keeps the last 256)
+    do not push out those the other rounds continue.
+    """
+    rounds, n, conc = plan.history
+    return max(1, n // 4)
 
 
 async def history_phase(bench: Bench, ports: dict[str, int],
                         ids: dict[str, dict[int, list[str]]], server_pid: int) -> dict[str, Any]:
     """
     Server CPU per ask on a conversation of 10 messages against one of
-    1,000, two ways, in alternating rounds:
+    1,000, three ways, in alternating rounds:
 
     - continuing: the ordinary next turn (no C{parent_id}), on conversations
       asked once before (so whatever the server keeps from the last turn is
       there); each worker takes turns on 8 conversations, so that a history
       grows by at most ~2 messages a round;
-    - from the store: every ask continues from the same imported message
-      (C{parent_id}), as a regenerate or the first ask after a restart
-      does, so the history must be read again and stays exactly that long
-      (each ask adds its two messages beside it, off the branch).
+    - regenerate: every ask continues from the same imported message
+      (C{parent_id}) of a conversation asked before, as a regenerate does,
+      so the history stays exactly that long (each ask adds its two
+      messages beside it, off the branch);
+    - from the store: the first ask on a conversation this server has not
+      seen (as after a restart), a fresh one every ask, so the history is
+      read from the store every time.
     """
     from bench.clients import SSEClient
 
     plan = bench.plan
     rounds, n, conc = plan.history
     sizes = list(plan.history_sizes)
-    hot, cold = ids["hot"], ids["cold"]
+    hot, cold, fresh = ids["hot"], ids["cold"], ids["fresh"]
     client = SSEClient(bench.session, ports)        # continuing: no parent_id
-    cold_client = SSEClient(bench.session, ports)   # from the store: parent_id
+    cold_client = SSEClient(bench.session, ports)   # regenerate: parent_id
     base = f"http://127.0.0.1:{ports['http']}/conversations/"
     for size in sizes:
         for cid in cold[size]:
@@ -519,20 +543,26 @@ async def history_phase(bench: Bench, ports: dict[str, int],
     def cold_pick(size: int) -> Callable[[int, int], str]:
         return lambda w, j: cold[size][w]
 
+    unasked = {size: iter(fresh[size]) for size in sizes}
+
+    def fresh_pick(size: int) -> Callable[[int, int], str]:
+        return lambda w, j: next(unasked[size])
+
     # one ask on every conversation first: a continuing turn follows a turn
     for size in sizes:
         await bench.round(client, "server", conc, conc * HOT_PER_WORKER, hot_pick(size))
         await bench.round(cold_client, "server", conc, conc, cold_pick(size))
-    kinds = {"continuing": (client, hot_pick), "from_store": (cold_client, cold_pick)}
+    kinds = {"continuing": (client, hot_pick, n), "regenerate": (cold_client, cold_pick, n),
+             "from_store": (client, fresh_pick, fresh_asks(plan))}
     plan_rounds = [(k, size) for k in kinds for size in sizes]
     results: dict[tuple[str, int], list[Round]] = {key: [] for key in plan_rounds}
     for r in range(rounds):
         for kind, size in (plan_rounds if r % 2 == 0 else plan_rounds[::-1]):
-            c, pick = kinds[kind]
-            results[(kind, size)].append(await bench.round(c, "server", conc, n, pick(size)))
+            c, pick, asks = kinds[kind]
+            results[(kind, size)].append(await bench.round(c, "server", conc, asks, pick(size)))
     lengths: dict[str, list[int]] = {}
     for kind, size in plan_rounds:
-        sample = (hot if kind == "continuing" else cold)[size][0]
+        sample = {"continuing": hot, "regenerate": cold, "from_store": fresh}[kind][size][0]
         async with bench.session.get(base + sample) as resp:
             view = await resp.json()
         lengths[f"{kind}-{size}"] = [size, len(view["messages"]) if kind == "continuing" else size]
@@ -560,7 +590,7 @@ async def history_phase(bench: Bench, ports: dict[str, int],
         log(f"  history {kind}: {sizes[0]} msgs {a} ms/ask, {sizes[-1]} msgs {b} ms/ask, "
             f"ratio {part['cpu_ratio']}")
     if plan.profile_seconds:
-        for kind, (c, pick) in kinds.items():
+        for kind, (c, pick, _) in kinds.items():
             out[kind]["profile"] = await profile_phase(
                 bench, f"history-{kind}", ports, server_pid, bench.tmp, client=c,
                 conversation=pick(sizes[-1]), concurrency=conc)
@@ -600,8 +630,7 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
                      "value": f"{m.get('simultaneously_open')} open, {m.get('errors')} errors",
                      "unit": "", "pass": bool(m.get("held"))})
     h = result.get("history")
-    for kind, label in (("continuing", "continuing turn"),
-                        ("from_store", "history read from the store (parent_id)")):
+    for kind, _, label in HISTORY_KINDS:
         part = (h or {}).get(kind)
         if part:
             ratio = part.get("cpu_ratio")
@@ -761,18 +790,20 @@ def markdown(result: dict[str, Any]) -> str:
         sizes = [str(x) for x in h["sizes"]]
         L.append("## History length\n")
         L.append("Conversations imported with `easybackend-import` (what 5 and 500 asks against "
-                 f"the fake would have stored), asked over SSE at c={h['concurrency']}, the four "
+                 f"the fake would have stored), asked over SSE at c={h['concurrency']}, the six "
                  "kinds of round alternating. *Continuing*: the ordinary next turn, on "
                  "conversations asked once before (each worker takes turns on 8, so a history "
                  "grows slowly: the messages column gives it at the first and the last ask). "
-                 "*From the store*: every ask continues from the same imported message "
-                 "(`parent_id`, as a regenerate or the first ask after a restart), so the "
-                 "history is read again each time and stays exactly that long "
-                 "(each ask adds its two messages beside it, off the branch).\n")
+                 "*Regenerate*: every ask continues from the same imported message "
+                 "(`parent_id`) of a conversation asked before, so the history stays exactly "
+                 "that long (each ask adds its two messages beside it, off the branch). "
+                 "*From the store*: the first ask on a conversation the server has not seen "
+                 "(as after a restart), a fresh one every ask, so the history is read from "
+                 "the store every time.\n")
         L.append("| kind | history (messages) | asks | server CPU ms/ask | fake CPU ms/ask "
                  "| first piece p50 ms | whole answer p50 ms |")
         L.append("|---|---|---|---|---|---|---|")
-        for kind, label in (("continuing", "continuing"), ("from_store", "from the store")):
+        for kind, label, _ in HISTORY_KINDS:
             part = h.get(kind) or {}
             for sz in sizes:
                 x = part.get(sz)
@@ -784,8 +815,10 @@ def markdown(result: dict[str, Any]) -> str:
                          f"{fmt(x['fake_cpu_ms_per_ask'])} | {fmt(x['ttfp_ms_p50'])} | "
                          f"{fmt(x['total_ms_p50'])} |")
         L.append("")
-        for kind, label in (("continuing", "continuing"), ("from_store", "from the store")):
+        for kind, label, _ in HISTORY_KINDS:
             part = h.get(kind) or {}
+            if not part:
+                continue
             L.append(f"Server CPU, {sizes[-1]} against {sizes[0]} messages, {label}: "
                      f"**{fmt(part.get('cpu_ratio'))}×** (target ≤ 1.5×).  ")
         L.append("")
@@ -797,7 +830,7 @@ def markdown(result: dict[str, Any]) -> str:
              "Shares are of the samples in which a server thread was running Python. "
              "*By part*: the leaf frame's package. *Self*: the function on top of the stack.\n")
     profiles = [(n, t["profile"]) for n, t in result["transports"].items() if t.get("profile")]
-    for kind, label in (("continuing", "continuing"), ("from_store", "from the store")):
+    for kind, label, _ in HISTORY_KINDS:
         if h and (h.get(kind) or {}).get("profile"):
             profiles.append((f"sse, 1,000-message history, {label} (c={h['concurrency']})",
                              h[kind]["profile"]))
@@ -928,7 +961,7 @@ def resummarize(result: dict[str, Any]) -> None:
 
     found = [t.get("profile") for t in result.get("transports", {}).values()]
     found += [(result.get("history") or {}).get(k, {}).get("profile")
-              for k in ("continuing", "from_store")]
+              for k, _, _ in HISTORY_KINDS]
     for p in found:
         if p and p.get("raw_file") and os.path.exists(p["raw_file"]):
             with open(p["raw_file"]) as f:
