@@ -121,12 +121,24 @@ class BranchCache:
     rollback and delete; otherwise its leaf is only a hint for
     L{Store.turn_context}, which reads the history again unless the
     conversation's leaf is still that one (leaf ids are unique and
-    server-made).  At most C{size} conversations.
+    server-made).
+
+    Bounded twice, the least recently used going first: at most C{size}
+    conversations, and at most C{messages} messages in all, so that a few
+    very long conversations cannot fill the memory (one longer than that
+    is not kept: its turns read their history from the store).
     """
 
-    def __init__(self, size: int = 256) -> None:
+    def __init__(self, size: int = 256, messages: int = 200_000) -> None:
         self._size = size
+        self._max_messages = messages
+        self._messages = 0
         self._entries: OrderedDict[str, Known] = OrderedDict()
+
+    @property
+    def messages(self) -> int:
+        """How many messages the kept branches hold."""
+        return self._messages
 
     def latest(self, cid: str) -> Known | None:
         known = self._entries.get(cid)
@@ -135,13 +147,19 @@ class BranchCache:
         return known
 
     def put(self, cid: str, known: Known) -> None:
+        self.forget(cid)
         self._entries[cid] = known
-        self._entries.move_to_end(cid)
-        while len(self._entries) > self._size:
-            self._entries.popitem(last=False)
+        self._messages += len(known.branch.messages)
+        while self._entries and (
+            len(self._entries) > self._size or self._messages > self._max_messages
+        ):
+            _, old = self._entries.popitem(last=False)
+            self._messages -= len(old.branch.messages)
 
     def forget(self, cid: str) -> None:
-        self._entries.pop(cid, None)
+        old = self._entries.pop(cid, None)
+        if old is not None:
+            self._messages -= len(old.branch.messages)
 
 
 class Shared:

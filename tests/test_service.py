@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from easybackend.errors import (
     BadRequest,
@@ -17,7 +17,7 @@ from easybackend.errors import (
     PromptTooLong,
     UpstreamUnavailable,
 )
-from easybackend.model import AskRequest, ChatRequest, Completion, Usage
+from easybackend.model import AskRequest, ChatMessage, ChatRequest, Completion, Usage
 from easybackend.offline import OfflineUpstream
 from easybackend.service import CoreSettings
 from easybackend.testing.fixtures import make_core, within
@@ -614,6 +614,44 @@ class BranchCacheTests(TestCase):
         view = await core.get_conversation("rg")
         self.assertEqual([m.content for m in view.messages if m.role == "user"],
                          ["one", "two", "three again"])
+
+class BranchCacheBoundsTests(SynchronousTestCase):
+    """The kept branches stay within their bounds."""
+
+    def known(self, messages: int) -> Any:
+        from easybackend.service import Branch, Known
+
+        branch = Branch([ChatMessage("user", "m")] * messages, ["id"] * messages)
+        return Known(leaf="id", branch=branch, owner=None, system_prompt=None, model=None)
+
+    def test_bounded_by_conversations_and_messages(self) -> None:
+        """
+        When more conversations, or more messages in all, are kept than the
+        bounds allow, then the least recently used go first; a conversation
+        longer than the message bound is not kept; replacing or forgetting
+        a conversation gives its messages back.
+        """
+        from easybackend.service import BranchCache
+
+        cache = BranchCache(size=3, messages=100)
+        for cid in "abc":
+            cache.put(cid, self.known(10))
+        cache.latest("a")
+        cache.put("d", self.known(10))
+        self.assertIsNone(cache.latest("b"))
+        self.assertEqual(cache.messages, 30)
+        cache.put("e", self.known(85))
+        self.assertEqual([cid for cid in "acde" if cache.latest(cid)], ["d", "e"])
+        self.assertEqual(cache.messages, 95)
+        cache.put("e", self.known(20))
+        self.assertEqual(cache.messages, 30)
+        cache.put("huge", self.known(101))
+        self.assertIsNone(cache.latest("huge"))
+        self.assertEqual(cache.messages, 0)
+        cache.put("f", self.known(5))
+        cache.forget("f")
+        cache.forget("f")
+        self.assertEqual(cache.messages, 0)
 
 class TokenCountTests(TestCase):
     """Stored token counts come from the upstream when it counted them."""
