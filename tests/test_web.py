@@ -292,6 +292,39 @@ class EventStreamTests(TestCase):
                                    headers={"Accept": ["text/event-stream"]})
         self.assertEqual((code, body["error"]["code"]), (400, "bad_request"))
 
+    async def test_headers_when_the_first_piece_is_slow(self) -> None:
+        """
+        When the first piece comes at once, then the headers go out with
+        it; when no piece comes within a second, then the headers go out
+        with a comment, so that the client sees its stream open.
+        """
+        from twisted.internet.task import Clock
+
+        clock = Clock()
+        upstream = ScriptedUpstream()
+        core = await make_core(self, upstream)
+        url = await serve_http(self, core, clock=clock, keepalive_interval=15)
+        port = int(url.rsplit(":", 1)[1])
+        next_call = upstream.next_call()
+        client = await RawClient.connect(port)
+        client.send_post("/ask/slow", b'{"prompt": "p", "stream": true}',
+                         b"Connection: close\r\n")
+        c = await next_call
+        self.assertEqual(client.data, b"")
+        waiting = client.next_data()
+        clock.advance(1)
+        await within(waiting)
+        while b": keep-alive\n\n" not in client.data:
+            await within(client.next_data())
+        self.assertTrue(client.data.startswith(b"HTTP/1.1 200 OK\r\n"), client.data)
+        self.assertNotIn(b"event:", client.data)
+        c.piece("one")
+        while b"event: delta" not in client.data:
+            await within(client.next_data())
+        c.finish()
+        await within(client.lost)
+        self.assertIn(b"event: done", client.data)
+
     async def test_keepalive_and_disconnect(self) -> None:
         """
         When the answer pauses longer than the keep-alive interval, then
@@ -328,6 +361,7 @@ class RawClient(Protocol):
     def __init__(self) -> None:
         self.data = b""
         self._waiting: list[Deferred[None]] = []
+        self.lost: Deferred[None] = Deferred()
 
     @classmethod
     async def connect(cls, port: int) -> "RawClient":
@@ -336,10 +370,13 @@ class RawClient(Protocol):
 
         return await within(ClientCreator(reactor, cls).connectTCP("127.0.0.1", port))
 
-    def send_post(self, path: str, body: bytes) -> None:
+    def send_post(self, path: str, body: bytes, headers: bytes = b"") -> None:
         self.transport.write(
-            b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
-            % (path.encode(), len(body), body))
+            b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n%s\r\n%s"
+            % (path.encode(), len(body), headers, body))
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.lost.callback(None)
 
     def next_data(self) -> Deferred[None]:
         d: Deferred[None] = Deferred()

@@ -268,9 +268,11 @@ class WebApp:
         request.setHeader("cache-control", "no-store")
         request.setHeader("x-accel-buffering", "no")
         self._cors(request)
-        # The headers go out with the first event: sent now, they would wake
-        # the client before the upstream request has left.
-        keepalive = KeepAlive(request, self.settings.keepalive_interval, self.clock)
+        # The headers go out with the first event (sent now, they would wake
+        # the client before the upstream request has left), or with a
+        # comment after a second when the first piece is slow.
+        keepalive = KeepAlive(request, self.settings.keepalive_interval, self.clock,
+                              first=min(1.0, self.settings.keepalive_interval))
 
         def piece(text: str) -> None:
             keepalive.wrote()
@@ -433,15 +435,18 @@ def _accepts_events(request: IRequest) -> bool:
 class KeepAlive:
     """
     Write an SSE comment when nothing was written for C{interval} seconds,
-    so that proxies and clients do not drop a stream in a long pause.
+    so that proxies and clients do not drop a stream in a long pause; the
+    first one after C{first} seconds, so that a client whose first piece is
+    slow (a reasoning model) still gets the response's headers soon.
     """
 
-    def __init__(self, request: IRequest, interval: float, clock: IReactorTime) -> None:
+    def __init__(self, request: IRequest, interval: float, clock: IReactorTime,
+                 first: float | None = None) -> None:
         self._request = request
         self._interval = interval
         self._clock = clock
         self._active = True
-        self._call = clock.callLater(interval, self._beat)
+        self._call = clock.callLater(interval if first is None else first, self._beat)
 
     def wrote(self) -> None:
         if self._active and self._call.active():
