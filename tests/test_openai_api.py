@@ -133,6 +133,27 @@ class UpstreamFailureTests(TestCase):
             await within(d, 20)
 
 
+    async def test_streamed_rate_limit_before_the_first_chunk(self) -> None:
+        """
+        When a streamed request fails upstream before its first chunk, then
+        it is still an HTTP error, and the SDK raises RateLimitError when
+        the stream is created, as it would against OpenAI.
+        """
+        from easybackend.errors import UpstreamRateLimited
+
+        upstream = ScriptedUpstream()
+        core = await make_core(self, upstream)
+        url = await serve_http(self, core)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=10)
+        self.addCleanup(client.close)
+        next_call = upstream.next_call()
+        d = deferToThread(client.chat.completions.create, model="m", stream=True,
+                          messages=[{"role": "user", "content": "x"}])
+        (await next_call).d.errback(UpstreamRateLimited("slow down", status=429, retry_after=2))
+        with self.assertRaises(openai.RateLimitError) as raised:
+            await within(d, 20)
+        self.assertEqual(raised.exception.response.headers.get("retry-after"), "2")
+
 class CompletionStreamTests(TestCase):
     """The chunks of a streamed answer, as bytes on the wire."""
 

@@ -1202,6 +1202,10 @@ class FakeUpstreamTests(WebSocketTestMixin, TestCase):
 
     @inlineCallbacks
     def test_upstream_errors(self):
+        """
+        When the upstream fails, then the client gets the matching error
+        code, with C{retry_after} when the upstream said when to retry.
+        """
         from easybackend.testing.fake_upstream import Status
 
         client = yield self.serve()
@@ -1215,6 +1219,8 @@ class FakeUpstreamTests(WebSocketTestMixin, TestCase):
                 (message["type"], message["id"], message["code"]),
                 ("error", i, code), message,
             )
+            self.assertEqual(message.get("retry_after"),
+                             1 if code == "upstream_rate_limited" else None, message)
 
 
 class SendFailureTests(WebSocketTestMixin, TestCase):

@@ -29,7 +29,6 @@ from easybackend.auth import KeyRing
 from easybackend.errors import (
     BadRequest,
     EasyBackendError,
-    RateLimited,
     Unauthenticated,
     retry_seconds,
     RequestTooLarge,
@@ -358,13 +357,26 @@ class WebApp:
         request.setHeader("content-type", "text/event-stream; charset=utf-8")
         request.setHeader("cache-control", "no-store")
         self._cors(request)
-        # The headers go out with the first chunk (see _ask_events).
+        # The headers go out with the first chunk, or with a comment after a
+        # second (see _ask_events); until then a failure is still an HTTP
+        # error, as OpenAI's own, so that the SDK raises its usual exception.
+        keepalive = KeepAlive(request, self.settings.keepalive_interval, self.clock,
+                              first=min(1.0, self.settings.keepalive_interval))
+
+        def piece(text: str) -> None:
+            keepalive.wrote()
+            out.piece(text)
+
         out = oa.CompletionStream(request.write, model, include_usage)
         try:
-            result = await run(out.piece)
+            result = await run(piece)
         except EasyBackendError as e:
+            if not request.startedWriting:
+                return self._openai_error(request, e)
             out.error(e, oa.openai_status(e, status_of(e)))
             return b""
+        finally:
+            keepalive.stop()
         out.finish(result.model, result.finish_reason, result.usage)
         return b""
 
@@ -402,9 +414,13 @@ def request_id(request: IRequest) -> str:
 
 
 def _error_headers(request: IRequest, error: EasyBackendError) -> None:
-    """C{Retry-After} on 429, C{WWW-Authenticate} on 401."""
-    if isinstance(error, RateLimited):
-        request.setHeader("retry-after", str(retry_seconds(error)))
+    """
+    C{Retry-After} when the error says when to try again (our limits, or
+    the upstream's own C{Retry-After}), C{WWW-Authenticate} on 401.
+    """
+    seconds = retry_seconds(error)
+    if seconds is not None:
+        request.setHeader("retry-after", str(seconds))
     elif isinstance(error, Unauthenticated):
         request.setHeader("www-authenticate", 'Bearer realm="easybackend"')
 

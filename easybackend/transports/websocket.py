@@ -74,7 +74,6 @@ from easybackend.auth import KeyRing
 from easybackend.errors import (
     BadRequest,
     EasyBackendError,
-    RateLimited,
     Unauthenticated,
     retry_seconds,
 )
@@ -137,11 +136,6 @@ def _valid_id(value: object) -> bool:
     if isinstance(value, int):
         return True
     return isinstance(value, str) and bool(value)
-
-
-def _retry_after(error: EasyBackendError) -> int | None:
-    """Whole seconds to wait before retrying over a per-key limit."""
-    return retry_seconds(error) if isinstance(error, RateLimited) else None
 
 
 def _error_id(message: object) -> object:
@@ -365,7 +359,7 @@ class ChatServerProtocol(WebSocketServerProtocol):
             elif failure.check(EasyBackendError):
                 error = failure.value
                 self._send_error(ask_id, error.code, error.message,
-                                 retry_after=_retry_after(error))
+                                 retry_after=retry_seconds(error))
             else:
                 log.failure(
                     "unexpected failure answering WebSocket ask {ask_id!r}",
@@ -421,7 +415,7 @@ class ChatServerProtocol(WebSocketServerProtocol):
                 self._send_text(f"{TEXT_ERR}$cancelled")
             elif failure.check(EasyBackendError):
                 error = failure.value
-                retry_after = _retry_after(error)
+                retry_after = retry_seconds(error)
                 hint = "" if retry_after is None else f"; retry after {retry_after}s"
                 self._send_text(f"{TEXT_ERR}${error.message}{hint}")
             else:
