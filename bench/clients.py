@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 from time import perf_counter
-from typing import Any, Callable
+from typing import Any, AsyncIterator, Callable
 
 import aiohttp
 
@@ -44,6 +44,19 @@ def _check(pieces: int, expected: int | None) -> None:
         raise AnswerError(f"{pieces} pieces instead of {expected}")
 
 
+async def _events(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    """The Server-Sent Events of a response, each as its raw bytes."""
+    buffer = b""
+    async for data in resp.content.iter_any():
+        buffer += data
+        while True:
+            end = buffer.find(b"\n\n")
+            if end < 0:
+                break
+            event, buffer = buffer[:end], buffer[end + 2:]
+            yield event
+
+
 async def _openai_stream(session: aiohttp.ClientSession, url: str, body: bytes,
                          headers: dict[str, str], expected: int | None,
                          on_first: Callable[[], None] | None = None) -> tuple[float, float]:
@@ -55,30 +68,23 @@ async def _openai_stream(session: aiohttp.ClientSession, url: str, body: bytes,
     async with session.post(url, data=body, headers=headers) as resp:
         if resp.status != 200:
             raise AnswerError(f"status {resp.status}: {(await resp.read())[:200]!r}")
-        buffer = b""
-        async for data in resp.content.iter_any():
-            buffer += data
-            while True:
-                end = buffer.find(b"\n\n")
-                if end < 0:
-                    break
-                event, buffer = buffer[:end], buffer[end + 2:]
-                if not event.startswith(b"data: "):
-                    continue
-                payload = event[6:]
-                if payload == b"[DONE]":
-                    done = True
-                    continue
-                chunk = _loads(payload)
-                if "error" in chunk:
-                    raise AnswerError(f"error event: {chunk['error']}")
-                choices = chunk.get("choices")
-                if choices and choices[0]["delta"].get("content"):
-                    pieces += 1
-                    if pieces == 1:
-                        first = perf_counter() - start
-                        if on_first is not None:
-                            on_first()
+        async for event in _events(resp):
+            if not event.startswith(b"data: "):
+                continue
+            payload = event[6:]
+            if payload == b"[DONE]":
+                done = True
+                continue
+            chunk = _loads(payload)
+            if "error" in chunk:
+                raise AnswerError(f"error event: {chunk['error']}")
+            choices = chunk.get("choices")
+            if choices and choices[0]["delta"].get("content"):
+                pieces += 1
+                if pieces == 1:
+                    first = perf_counter() - start
+                    if on_first is not None:
+                        on_first()
     total = perf_counter() - start
     if not done:
         raise AnswerError("no [DONE]")
@@ -176,24 +182,17 @@ class SSEClient(_Base):
         async with self.session.post(self.base + cid, data=body) as resp:
             if resp.status != 200:
                 raise AnswerError(f"status {resp.status}: {(await resp.read())[:200]!r}")
-            buffer = b""
-            async for data in resp.content.iter_any():
-                buffer += data
-                while True:
-                    end = buffer.find(b"\n\n")
-                    if end < 0:
-                        break
-                    event, buffer = buffer[:end], buffer[end + 2:]
-                    if event.startswith(b"event: delta"):
-                        pieces += 1
-                        if pieces == 1:
-                            first = perf_counter() - start
-                            if on_first is not None:
-                                on_first()
-                    elif event.startswith(b"event: done"):
-                        done = True
-                    elif event.startswith(b"event: error"):
-                        raise AnswerError(event.decode("utf-8", "replace"))
+            async for event in _events(resp):
+                if event.startswith(b"event: delta"):
+                    pieces += 1
+                    if pieces == 1:
+                        first = perf_counter() - start
+                        if on_first is not None:
+                            on_first()
+                elif event.startswith(b"event: done"):
+                    done = True
+                elif event.startswith(b"event: error"):
+                    raise AnswerError(event.decode("utf-8", "replace"))
         total = perf_counter() - start
         if not done:
             raise AnswerError("no done event")

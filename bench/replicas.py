@@ -50,7 +50,7 @@ if __package__ in (None, ""):  # python bench/replicas.py
 
 from bench import procs  # noqa: E402
 from bench.procs import cpu_seconds  # noqa: E402
-from bench.run import _commit, log, pct, run_driver, save  # noqa: E402
+from bench.run import _commit, choose, log, pct, run_driver, save  # noqa: E402
 from bench.run import fmt as run_fmt  # noqa: E402
 
 ROOT = procs.ROOT
@@ -671,11 +671,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else Plan()
     if args.setups:
-        chosen = [s.strip() for s in args.setups.split(",") if s.strip()]
-        unknown = set(chosen) - set(SETUPS)
-        if unknown:
-            parser.error(f"unknown setups: {', '.join(sorted(unknown))}")
-        plan.setups = chosen
+        plan.setups = choose(parser, args.setups, list(SETUPS), "setups")
     try:
         import aiohttp  # noqa: F401
         if any(s.startswith("pg") for s in plan.setups):

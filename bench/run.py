@@ -27,7 +27,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from time import perf_counter
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 if __package__ in (None, ""):  # python bench/run.py
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -996,6 +996,16 @@ def save(result: dict[str, Any], path: str) -> str:
     return path
 
 
+def choose(parser: argparse.ArgumentParser, value: str, known: Sequence[str],
+           what: str) -> list[str]:
+    """A comma-separated option's items; a usage error names unknown ones."""
+    chosen = [item.strip() for item in value.split(",") if item.strip()]
+    unknown = set(chosen) - set(known)
+    if unknown:
+        parser.error(f"unknown {what}: {', '.join(sorted(unknown))}")
+    return chosen
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke check, under 2 minutes")
@@ -1022,10 +1032,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     plan = QUICK if args.quick else Plan()
     if args.transports:
-        chosen = [t.strip() for t in args.transports.split(",") if t.strip()]
-        unknown = set(chosen) - set(ORDER)
-        if unknown:
-            parser.error(f"unknown transports: {', '.join(sorted(unknown))}")
+        chosen = choose(parser, args.transports, ORDER, "transports")
         plan.transports = chosen
         plan.memory_transports = [t for t in plan.memory_transports if t in chosen]
         plan.profile_transports = [t for t in plan.profile_transports if t in chosen]

@@ -422,23 +422,23 @@ class ConversationService:
     ) -> Answer:
         async with self._held(cid):
             counter = await self._tokens()
-            known = self._branches.latest(cid) if self._exclusive else None
+            cached = self._branches.latest(cid)
             branch = None
-            if known is not None:
+            if cached is not None and self._exclusive:
                 # This process wrote the conversation last: no store call
                 # before the answer starts, for the next turn or for one
                 # from a message of the last branch (a regenerate).
-                if known.owner != request.owner:
+                if cached.owner != request.owner:
                     raise NotFound(f"conversation {cid!r} not found")
                 if request.parent_id is None:
-                    leaf, branch = known.leaf, known.branch
+                    leaf, branch = cached.leaf, cached.branch
                 else:
-                    leaf, branch = request.parent_id, known.branch.upto(request.parent_id)
-            if known is not None and branch is not None:
-                system, created_model = known.system_prompt, known.model
+                    leaf, branch = request.parent_id, cached.branch.upto(request.parent_id)
+            if branch is not None:
+                assert cached is not None
+                system, created_model = cached.system_prompt, cached.model
                 exists = True
             else:
-                cached = self._branches.latest(cid)
                 context = await self.store.turn_context(
                     cid, request.parent_id, cached.leaf if cached else None)
                 conversation, leaf = context.conversation, context.leaf

@@ -962,17 +962,28 @@ class Store:
         Writes are not retried: a connection lost during COMMIT leaves it
         unknown whether the write happened.
         """
-        tries = [self._pool.max + 1]
+        return self._on_fresh_connections(
+            lambda: self._run(interaction, *args), StoreUnavailable)
+
+    def _on_fresh_connections(
+        self, attempt: Callable[[], "Deferred[Any]"], dead: type[Exception]
+    ) -> "Deferred[Any]":
+        """
+        C{attempt()}, and again while it fails with C{dead}, up to the
+        pool's size more times: each pooled connection may be dead, so try
+        until a fresh one answers.
+        """
+        tries = self._pool.max + 1
 
         def again(failure: Failure) -> "Deferred[Any]":
-            failure.trap(StoreUnavailable)
-            tries[0] -= 1
-            if tries[0] <= 0:
+            nonlocal tries
+            failure.trap(dead)
+            tries -= 1
+            if tries <= 0:
                 return failure
-            # Each pooled connection may be dead: try until a fresh one answers.
-            return self._run(interaction, *args).addErrback(again)
+            return attempt().addErrback(again)
 
-        return self._run(interaction, *args).addErrback(again)
+        return attempt().addErrback(again)
 
     def _lost(self, failure: Failure) -> Failure:
         """Turn the driver's errors for a lost database into L{StoreUnavailable}."""
@@ -1005,18 +1016,9 @@ class Store:
                 raise
             return interaction(txn, *a)
 
-        tries = [self._pool.max + 1]
-
-        def again(failure: Failure) -> "Deferred[Any]":
-            failure.trap(_DeadConnection)
-            tries[0] -= 1
-            if tries[0] <= 0:
-                return failure
-            # Each pooled connection may be dead: try until a fresh one answers.
-            return self._pool.runInteraction(probed, *args).addErrback(again)
-
-        return self._pool.runInteraction(probed, *args).addErrback(again).addErrback(
-            self._lost)
+        return self._on_fresh_connections(
+            lambda: self._pool.runInteraction(probed, *args), _DeadConnection
+        ).addErrback(self._lost)
 
     # -- helpers run on the pool's thread ------------------------------------
 

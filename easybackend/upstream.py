@@ -239,10 +239,6 @@ class OpenAIUpstream:
         return self._pool.closeCachedConnections()
 
 
-#: each history message's JSON, kept while the message is (the core keeps a
-#: conversation's messages between turns, so a long history is not encoded
-
-
 def _request_body(request: ChatRequest) -> bytes:
     """
     The JSON body of a streaming Chat Completions request; each message's

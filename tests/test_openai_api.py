@@ -116,8 +116,11 @@ class SDKTests(TestCase):
 class UpstreamFailureTests(TestCase):
     """Upstream errors keep OpenAI's shape."""
 
-    async def test_rate_limit_passes_through(self) -> None:
-        """When the upstream answers 429, then the SDK raises RateLimitError."""
+    async def rate_limited(self, **options: Any) -> Any:
+        """
+        The SDK's C{create} call (in a thread) whose upstream answered 429
+        with C{Retry-After: 2}.
+        """
         from easybackend.errors import UpstreamRateLimited
 
         upstream = ScriptedUpstream()
@@ -127,11 +130,14 @@ class UpstreamFailureTests(TestCase):
         self.addCleanup(client.close)
         next_call = upstream.next_call()
         d = deferToThread(client.chat.completions.create, model="m",
-                          messages=[{"role": "user", "content": "x"}])
+                          messages=[{"role": "user", "content": "x"}], **options)
         (await next_call).d.errback(UpstreamRateLimited("slow down", status=429, retry_after=2))
-        with self.assertRaises(openai.RateLimitError):
-            await within(d, 20)
+        return d
 
+    async def test_rate_limit_passes_through(self) -> None:
+        """When the upstream answers 429, then the SDK raises RateLimitError."""
+        with self.assertRaises(openai.RateLimitError):
+            await within(await self.rate_limited(), 20)
 
     async def test_streamed_rate_limit_before_the_first_chunk(self) -> None:
         """
@@ -139,20 +145,10 @@ class UpstreamFailureTests(TestCase):
         it is still an HTTP error, and the SDK raises RateLimitError when
         the stream is created, as it would against OpenAI.
         """
-        from easybackend.errors import UpstreamRateLimited
-
-        upstream = ScriptedUpstream()
-        core = await make_core(self, upstream)
-        url = await serve_http(self, core)
-        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=10)
-        self.addCleanup(client.close)
-        next_call = upstream.next_call()
-        d = deferToThread(client.chat.completions.create, model="m", stream=True,
-                          messages=[{"role": "user", "content": "x"}])
-        (await next_call).d.errback(UpstreamRateLimited("slow down", status=429, retry_after=2))
         with self.assertRaises(openai.RateLimitError) as raised:
-            await within(d, 20)
+            await within(await self.rate_limited(stream=True), 20)
         self.assertEqual(raised.exception.response.headers.get("retry-after"), "2")
+
 
 class CompletionStreamTests(TestCase):
     """The chunks of a streamed answer, as bytes on the wire."""

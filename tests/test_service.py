@@ -515,15 +515,12 @@ class LeafCheckTests(TestCase):
 class BranchCacheTests(TestCase):
     """A conversation's history is read from the store only when needed."""
 
-    async def test_continuing_turns_read_no_history(self) -> None:
-        """
-        When turns continue a conversation, then its history is read from
-        the store once at most; when the leaf moved elsewhere (a rollback,
-        or another replica's turn), then the fresh branch is read and used.
-        """
+    async def setUp(self) -> None:
         from easybackend.testing.fixtures import open_store
 
-        reads: list[str | None] = []
+        #: the leaves whose history was read from the store
+        self.reads: list[str | None] = []
+        reads = self.reads
 
         class CountingStore:
             def __init__(self, store: Any) -> None:
@@ -539,28 +536,36 @@ class BranchCacheTests(TestCase):
                     return context
                 return self._store.turn_context(cid, *args).addCallback(read)
 
-        upstream = ScriptedUpstream()
-        core = await make_core(self, upstream, store=CountingStore(await open_store(self)))
+        self.upstream = ScriptedUpstream()
+        self.core = await make_core(
+            self, self.upstream, store=CountingStore(await open_store(self)))
 
-        async def turn(prompt: str) -> Call:
-            next_call = upstream.next_call()
-            d = core.ask(ask(prompt, "bc"), lambda p: None)
-            c = await next_call
-            c.piece(prompt.upper())
-            c.finish()
-            await d
-            return c
+    async def turn(self, prompt: str, cid: str,
+                   parent_id: str | None = None) -> tuple[Call, Any]:
+        """One turn whose answer is the prompt in capitals."""
+        next_call = self.upstream.next_call()
+        d = self.core.ask(ask(prompt, cid, parent_id=parent_id), lambda p: None)
+        c = await next_call
+        c.piece(prompt.upper())
+        c.finish()
+        return c, await d
 
+    async def test_continuing_turns_read_no_history(self) -> None:
+        """
+        When turns continue a conversation, then its history is read from
+        the store once at most; when the leaf moved elsewhere (a rollback,
+        or another replica's turn), then the fresh branch is read and used.
+        """
+        reads = self.reads
         for prompt in ["one", "two", "three"]:
-            await turn(prompt)
+            await self.turn(prompt, "bc")
         self.assertEqual(reads, [])
-        await core.rollback("bc", 1)
+        await self.core.rollback("bc", 1)
         reads.clear()
-        c = await turn("four")
+        c, _ = await self.turn("four", "bc")
         self.assertEqual(len(reads), 1)
         self.assertEqual([content for _, content in c.prompts],
                          ["one", "ONE", "two", "TWO", "four"])
-
 
     async def test_regenerate_reads_no_history(self) -> None:
         """
@@ -570,50 +575,23 @@ class BranchCacheTests(TestCase):
         and the new turn becomes the branch that later turns continue; a
         parent off that branch is read from the store.
         """
-        from easybackend.testing.fixtures import open_store
-
-        reads: list[str | None] = []
-
-        class CountingStore:
-            def __init__(self, store: Any) -> None:
-                self._store = store
-
-            def __getattr__(self, name: str) -> Any:
-                return getattr(self._store, name)
-
-            def turn_context(self, cid: str, *args: Any) -> Any:
-                def read(context: Any) -> Any:
-                    if context.history:
-                        reads.append(context.leaf)
-                    return context
-                return self._store.turn_context(cid, *args).addCallback(read)
-
-        upstream = ScriptedUpstream()
-        core = await make_core(self, upstream, store=CountingStore(await open_store(self)))
-
-        async def turn(prompt: str, parent_id: str | None = None) -> tuple[Call, Any]:
-            next_call = upstream.next_call()
-            d = core.ask(ask(prompt, "rg", parent_id=parent_id), lambda p: None)
-            c = await next_call
-            c.piece(prompt.upper())
-            c.finish()
-            return c, await d
-
-        answers = [(await turn(prompt))[1] for prompt in ["one", "two", "three"]]
-        c, again = await turn("two again", answers[0].message_id)
+        reads = self.reads
+        answers = [(await self.turn(prompt, "rg"))[1] for prompt in ["one", "two", "three"]]
+        c, again = await self.turn("two again", "rg", answers[0].message_id)
         self.assertEqual([content for _, content in c.prompts],
                          ["one", "ONE", "two again"])
-        c, _ = await turn("next")
+        c, _ = await self.turn("next", "rg")
         self.assertEqual([content for _, content in c.prompts],
                          ["one", "ONE", "two again", "TWO AGAIN", "next"])
         self.assertEqual(reads, [])
-        c, _ = await turn("three again", answers[1].message_id)
+        c, _ = await self.turn("three again", "rg", answers[1].message_id)
         self.assertEqual([content for _, content in c.prompts],
                          ["one", "ONE", "two", "TWO", "three again"])
         self.assertEqual(reads, [answers[1].message_id])
-        view = await core.get_conversation("rg")
+        view = await self.core.get_conversation("rg")
         self.assertEqual([m.content for m in view.messages if m.role == "user"],
                          ["one", "two", "three again"])
+
 
 class BranchCacheBoundsTests(SynchronousTestCase):
     """The kept branches stay within their bounds."""

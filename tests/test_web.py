@@ -292,11 +292,11 @@ class EventStreamTests(TestCase):
                                    headers={"Accept": ["text/event-stream"]})
         self.assertEqual((code, body["error"]["code"]), (400, "bad_request"))
 
-    async def test_headers_when_the_first_piece_is_slow(self) -> None:
+    async def stream_on_a_clock(self, cid: str, headers: bytes = b"") -> tuple[Any, Any, Any]:
         """
-        When the first piece comes at once, then the headers go out with
-        it; when no piece comes within a second, then the headers go out
-        with a comment, so that the client sees its stream open.
+        A streamed ask from a raw client, to a server whose keep-alives
+        (every 15 s) run on a L{Clock}: the clock, the client, and the
+        upstream call once it started.
         """
         from twisted.internet.task import Clock
 
@@ -304,12 +304,18 @@ class EventStreamTests(TestCase):
         upstream = ScriptedUpstream()
         core = await make_core(self, upstream)
         url = await serve_http(self, core, clock=clock, keepalive_interval=15)
-        port = int(url.rsplit(":", 1)[1])
         next_call = upstream.next_call()
-        client = await RawClient.connect(port)
-        client.send_post("/ask/slow", b'{"prompt": "p", "stream": true}',
-                         b"Connection: close\r\n")
-        c = await next_call
+        client = await RawClient.connect(int(url.rsplit(":", 1)[1]))
+        client.send_post(f"/ask/{cid}", b'{"prompt": "p", "stream": true}', headers)
+        return clock, client, await next_call
+
+    async def test_headers_when_the_first_piece_is_slow(self) -> None:
+        """
+        When the first piece comes at once, then the headers go out with
+        it; when no piece comes within a second, then the headers go out
+        with a comment, so that the client sees its stream open.
+        """
+        clock, client, c = await self.stream_on_a_clock("slow", b"Connection: close\r\n")
         self.assertEqual(client.data, b"")
         waiting = client.next_data()
         clock.advance(1)
@@ -331,17 +337,7 @@ class EventStreamTests(TestCase):
         the stream gets a comment; when the client then goes away, the
         upstream call is cancelled.
         """
-        from twisted.internet.task import Clock
-
-        clock = Clock()
-        upstream = ScriptedUpstream()
-        core = await make_core(self, upstream)
-        url = await serve_http(self, core, clock=clock, keepalive_interval=15)
-        port = int(url.rsplit(":", 1)[1])
-        next_call = upstream.next_call()
-        client = await RawClient.connect(port)
-        client.send_post("/ask/ka", b'{"prompt": "p", "stream": true}')
-        c = await next_call
+        clock, client, c = await self.stream_on_a_clock("ka")
         waiting = client.next_data()
         c.piece("one")
         await within(waiting)

@@ -270,8 +270,7 @@ class WebApp:
         # The headers go out with the first event (sent now, they would wake
         # the client before the upstream request has left), or with a
         # comment after a second when the first piece is slow.
-        keepalive = KeepAlive(request, self.settings.keepalive_interval, self.clock,
-                              first=min(1.0, self.settings.keepalive_interval))
+        keepalive = KeepAlive(request, self.settings.keepalive_interval, self.clock)
 
         def piece(text: str) -> None:
             keepalive.wrote()
@@ -360,8 +359,7 @@ class WebApp:
         # The headers go out with the first chunk, or with a comment after a
         # second (see _ask_events); until then a failure is still an HTTP
         # error, as OpenAI's own, so that the SDK raises its usual exception.
-        keepalive = KeepAlive(request, self.settings.keepalive_interval, self.clock,
-                              first=min(1.0, self.settings.keepalive_interval))
+        keepalive = KeepAlive(request, self.settings.keepalive_interval, self.clock)
 
         def piece(text: str) -> None:
             keepalive.wrote()
@@ -452,17 +450,19 @@ class KeepAlive:
     """
     Write an SSE comment when nothing was written for C{interval} seconds,
     so that proxies and clients do not drop a stream in a long pause; the
-    first one after C{first} seconds, so that a client whose first piece is
-    slow (a reasoning model) still gets the response's headers soon.
+    first one after L{FIRST} seconds at most, so that a client whose first
+    piece is slow (a reasoning model) still gets the response's headers
+    soon (until then they wait to go out with the first piece).
     """
 
-    def __init__(self, request: IRequest, interval: float, clock: IReactorTime,
-                 first: float | None = None) -> None:
+    FIRST = 1.0
+
+    def __init__(self, request: IRequest, interval: float, clock: IReactorTime) -> None:
         self._request = request
         self._interval = interval
         self._clock = clock
         self._active = True
-        self._call = clock.callLater(interval if first is None else first, self._beat)
+        self._call = clock.callLater(min(self.FIRST, interval), self._beat)
 
     def wrote(self) -> None:
         if self._active and self._call.active():
