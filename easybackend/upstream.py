@@ -16,21 +16,25 @@ from __future__ import annotations
 import json
 import random as _random
 from email.utils import parsedate_to_datetime
+from http.cookiejar import CookieJar
 from typing import Any, Callable
 
 from hyperlink import EncodedURL
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import (
     ConnectError,
     ConnectingCancelledError,
     ConnectionClosed,
 )
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import (
+    URI,
     Agent,
+    BrowserLikePolicyForHTTPS,
     HTTPConnectionPool,
     RequestNotSent,
     RequestTransmissionFailed,
@@ -39,7 +43,8 @@ from twisted.web.client import (
 )
 from twisted.web.http import RESPONSES, PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer, IResponse
+from twisted.web.error import SchemeNotSupported
+from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
 from treq.client import HTTPClient
 from zope.interface import implementer
 
@@ -99,6 +104,86 @@ class _BytesProducer:
 
     def resumeProducing(self) -> None:
         pass
+
+
+class _NoCookies(CookieJar):
+    """
+    A cookie jar that keeps nothing.  The client serves every user of the
+    server, so a cookie the upstream sets (a CDN's, say) must not go back
+    with other users' requests; and an empty jar's bookkeeping still costs
+    time on every request.
+    """
+
+    def add_cookie_header(self, request: Any) -> None:
+        pass
+
+    def extract_cookies(self, response: Any, request: Any) -> None:
+        pass
+
+
+class _ReadyURL(EncodedURL):
+    """
+    A URL already in URI form.  treq converts the URL of every request to
+    that form (hyperlink's IDNA and percent encoding); for the one fixed URL
+    of the API that is done once, here.
+    """
+
+    _text: str | None = None
+
+    @classmethod
+    def of(cls, url: EncodedURL) -> "_ReadyURL":
+        uri = url.to_uri()
+        return cls(
+            scheme=uri.scheme,
+            host=uri.host,
+            path=uri.path,
+            query=uri.query,
+            fragment=uri.fragment,
+            port=uri.port,
+            rooted=uri.rooted,
+            userinfo=uri.userinfo,
+        )
+
+    def to_uri(self) -> "_ReadyURL":
+        return self
+
+    def to_text(self, with_password: bool = False) -> str:
+        if with_password:
+            return super().to_text(with_password)
+        if self._text is None:
+            self._text = super().to_text()
+        return self._text
+
+
+@implementer(IAgentEndpointFactory)
+class _Endpoints:
+    """
+    Twisted's standard endpoints (TCP for http, TLS over TCP for https), made
+    once per origin instead of once per request: making one resolves the
+    host's IDNA form and, for https, the TLS options.  The host name is
+    still resolved at every new connection.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+        self._tls = BrowserLikePolicyForHTTPS()
+        self._endpoints: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        key = (uri.scheme, uri.host, uri.port)
+        endpoint = self._endpoints.get(key)
+        if endpoint is None:
+            if uri.scheme not in (b"http", b"https"):
+                raise SchemeNotSupported(f"Unsupported scheme: {uri.scheme!r}")
+            endpoint = HostnameEndpoint(
+                self._reactor, uri.host.decode("ascii"), uri.port
+            )
+            if uri.scheme == b"https":
+                endpoint = wrapClientTLS(
+                    self._tls.creatorForNetloc(uri.host, uri.port), endpoint
+                )
+            self._endpoints[key] = endpoint
+        return endpoint
 
 
 class _BodyReader(Protocol):
@@ -189,7 +274,7 @@ class OpenAIUpstream:
         if url.scheme not in ("http", "https") or not url.host:
             raise ValueError(f"base_url must be an http(s) URL: {base_url!r}")
         self._reactor = reactor
-        self._url = url
+        self._url = _ReadyURL.of(url)
         self._headers = Headers(
             {
                 b"Content-Type": [b"application/json"],
@@ -216,7 +301,8 @@ class OpenAIUpstream:
             self._pool = HTTPConnectionPool(reactor, persistent=True)
             self._pool.maxPersistentPerHost = max_connections_per_host
             client = HTTPClient(
-                Agent(reactor, pool=self._pool),
+                Agent.usingEndpointFactory(reactor, _Endpoints(reactor), self._pool),
+                cookiejar=_NoCookies(),
                 data_to_body_producer=_BytesProducer,
             )
         self._client = client

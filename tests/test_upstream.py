@@ -19,7 +19,10 @@ from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.error import ConnectionRefusedError, DNSLookupError
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.client import URI
+from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
@@ -40,7 +43,7 @@ from easybackend.testing.fake_upstream import (
     answer_text,
     split_text,
 )
-from easybackend.upstream import OpenAIUpstream, parse_retry_after
+from easybackend.upstream import OpenAIUpstream, _Endpoints, parse_retry_after
 
 REQUEST = ChatRequest(
     model="gpt-4o-mini",
@@ -788,6 +791,44 @@ class StreamTests(SynchronousTestCase):
         self.assertRaises(ValueError, OpenAIUpstream, Clock(), "not a url")
 
 
+class AddressTests(SynchronousTestCase):
+    """Where requests go: the API's URL and its connection endpoints."""
+
+    def test_international_url(self) -> None:
+        """
+        When the base URL has a non-ASCII host and path, then every request
+        goes to its URI form (IDNA host, percent-encoded path).
+        """
+        clock = Clock()
+        fake = FakeUpstream(clock)
+        stub = StubTreq(fake.resource())
+        upstream = OpenAIUpstream(clock, "http://bücher.test/ü/v1", client=stub)
+        for _ in range(2):
+            d = upstream.stream_chat(REQUEST, lambda piece: None)
+            stub.flush()
+            self.successResultOf(d)
+        self.assertEqual(
+            [(r.path, r.headers["host"]) for r in fake.requests],
+            [("/%C3%BC/v1/chat/completions", "xn--bcher-kva.test")] * 2,
+        )
+
+    def test_one_endpoint_per_origin(self) -> None:
+        """
+        When requests go to the same scheme, host and port, then they share
+        one endpoint; https gets a TLS endpoint; another scheme is refused.
+        """
+        endpoints = _Endpoints(MemoryReactorClock())
+        plain = endpoints.endpointForURI(URI.fromBytes(b"http://a.test/v1/x"))
+        self.assertIs(endpoints.endpointForURI(URI.fromBytes(b"http://a.test/y")), plain)
+        self.assertIsNot(endpoints.endpointForURI(URI.fromBytes(b"http://a.test:81/")), plain)
+        tls = endpoints.endpointForURI(URI.fromBytes(b"https://a.test/v1"))
+        self.assertIsNot(type(tls), type(plain))
+        self.assertIs(endpoints.endpointForURI(URI.fromBytes(b"https://a.test/")), tls)
+        self.assertRaises(
+            SchemeNotSupported, endpoints.endpointForURI, URI.fromBytes(b"ftp://a.test/")
+        )
+
+
 class RetryAfterTests(SynchronousTestCase):
     """L{parse_retry_after}."""
 
@@ -863,6 +904,17 @@ class LoopbackTests(TestCase):
         await _wait(upstream.stream_chat(REQUEST, lambda piece: None))
         await _wait(upstream.stream_chat(REQUEST, lambda piece: None))
         self.assertEqual([r.connection for r in self.fake.requests], [1, 1])
+
+    async def test_upstream_cookies_not_sent_back(self) -> None:
+        """
+        When the upstream sets a cookie (api.openai.com's CDN does, on every
+        answer), then no later request carries it: one client serves every
+        user, so the cookie would travel between users' requests.
+        """
+        upstream = await self.upstream()
+        await _wait(upstream.stream_chat(REQUEST, lambda piece: None))
+        await _wait(upstream.stream_chat(REQUEST, lambda piece: None))
+        self.assertEqual([r.headers.get("cookie") for r in self.fake.requests], [None, None])
 
     async def test_split_at_every_byte(self) -> None:
         """

@@ -494,6 +494,12 @@ class FakeUpstream:
                 body = json.loads(raw)
             except ValueError:
                 parsed = False
+        # api.openai.com answers through Cloudflare, which sets a bot
+        # management cookie on every answer; a client must not send it back
+        # on other users' requests.
+        request.addCookie(
+            b"__cf_bm", b"fake-%d" % len(self.requests), path=b"/", httpOnly=True
+        )
         is_chat = path.endswith("/chat/completions")
         scenario: Scenario | None = None
         if is_chat and method == "POST":
