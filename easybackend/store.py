@@ -1167,7 +1167,16 @@ class Store:
     ) -> tuple[str, str]:
         self._begin_write(txn)
         cid = turn.conversation_id
-        if turn.parent_id is not None:
+        self._execute(
+            txn,
+            "SELECT leaf_id FROM conversations WHERE id = ?" + self._dialect.for_update,
+            (cid,),
+        )
+        current = txn.fetchone()
+        leaf = current[0] if current is not None else None
+        if turn.parent_id is not None and turn.parent_id != leaf:
+            # The leaf is always one of the conversation's messages; any
+            # other parent is checked.
             self._execute(
                 txn,
                 "SELECT 1 FROM messages WHERE id = ? AND conversation_id = ?",
@@ -1178,16 +1187,14 @@ class Store:
                     f"message {turn.parent_id!r} not found in "
                     f"conversation {cid!r}"
                 )
-        if turn.continues_leaf:
-            current = self._fetch_conversation(txn, cid, for_update=True)
-            leaf = current.leaf_id if current is not None else None
-            if leaf != turn.parent_id:
-                raise ConversationChanged(
-                    f"conversation {cid!r} changed while this answer was "
-                    "written; nothing was stored: ask again")
-        self._create_conversation(
-            txn, turn, now, system_tokens, turn.model or None
-        )
+        if turn.continues_leaf and leaf != turn.parent_id:
+            raise ConversationChanged(
+                f"conversation {cid!r} changed while this answer was "
+                "written; nothing was stored: ask again")
+        if current is None:
+            self._create_conversation(
+                txn, turn, now, system_tokens, turn.model or None
+            )
         ids = self._insert_turn(txn, turn, turn.parent_id, now)
         self._execute(
             txn,
