@@ -199,6 +199,14 @@ class Answer:
 # --- what the core sends upstream, and gets back --------------------------
 
 
+#: The start of a message's JSON for each usual role, made once: a cold
+#: read of a long conversation makes one message per stored row.
+_JSON_HEADS = {
+    role: '{"role":%s,"content":' % json_string(role)
+    for role in ("system", "developer", "user", "assistant", "tool")
+}
+
+
 class ChatMessage(tuple):  # type: ignore[type-arg]
     """
     One message of a Chat Completions request: C{role} and C{content}; as
@@ -216,8 +224,10 @@ class ChatMessage(tuple):  # type: ignore[type-arg]
     __slots__ = ()
 
     def __new__(cls, role: str, content: str, tokens: int = 0) -> "ChatMessage":
-        return tuple.__new__(cls, (role, content, tokens, '{"role":%s,"content":%s}' % (
-            json_string(role), json_string(content))))
+        head = _JSON_HEADS.get(role)
+        if head is None:
+            head = '{"role":%s,"content":' % json_string(role)
+        return tuple.__new__(cls, (role, content, tokens, head + json_string(content) + "}"))
 
     role: str = property(itemgetter(0))  # type: ignore[assignment]
     content: str = property(itemgetter(1))  # type: ignore[assignment]
