@@ -70,6 +70,30 @@ QUICK = Plan(
 )
 
 
+def speed_yardstick(result: dict[str, Any]) -> str | None:
+    """
+    The machine's speed in this run, read off the fake (the same work in
+    every run), and the server's CPU per ask as a multiple of the fake's:
+    the multiples compare across runs, the milliseconds only within one.
+    """
+    multiples, fake = [], []
+    for name, t in result.get("transports", {}).items():
+        c50 = t.get("c50")
+        if not c50:
+            continue
+        base = c50["direct"].get("fake_cpu_ms_per_ask")
+        server = c50["server"].get("server_cpu_ms_per_ask")
+        if base and server is not None:
+            fake.append(base)
+            multiples.append(f"`{name}` {server / base:.2f}×")
+    if not multiples:
+        return None
+    return ("This machine's speed in this run: the fake upstream, which does the same work in "
+            f"every run, spent {fmt(min(fake))}–{fmt(max(fake))} ms of CPU per ask at c=50 "
+            "(0.74 ms in the fastest run so far). Server CPU per ask as a multiple of the "
+            "fake's in the same phase, which compares across runs: " + ", ".join(multiples) + ".")
+
+
 def log(*args: Any) -> None:
     print(time.strftime("%H:%M:%S"), *args, flush=True)
 
@@ -701,6 +725,9 @@ def markdown(result: dict[str, Any]) -> str:
         L.append(f"| {row['transport']} | {row['target']} | {fmt(row['value'])} {row['unit']} | "
                  f"{'**pass**' if row['pass'] else '**FAIL**'} |")
     L.append("")
+    yardstick = speed_yardstick(result)
+    if yardstick:
+        L.append(yardstick + "\n")
 
     L.append("## Figures\n")
     L.append("Times in ms. *added* = server − baseline, same percentile.\n")

@@ -394,6 +394,21 @@ class CommitTurnTests(_Shared):
         self.assertIsNone(await store.get_conversation("c1"))
         self.assertEqual(await self.raw("SELECT count(*) FROM messages"), [(2,)])
 
+    async def test_conversation_deleted_during_the_answer(self) -> None:
+        """
+        When the conversation is deleted while a turn continuing its leaf
+        is being answered, then the commit fails with L{NotFound} (not "ask
+        again") and nothing is stored.
+        """
+        store = await self.open()
+        _, leaf = await store.commit_turn(turn(), 1.0)
+        await store.delete_conversation("c1")
+        await self.assertFailure(
+            store.commit_turn(turn(parent_id=leaf, continues_leaf=True), 2.0), NotFound
+        )
+        self.assertIsNone(await store.get_conversation("c1"))
+        self.assertEqual(await self.raw("SELECT count(*) FROM messages"), [(0,)])
+
     async def test_ids_are_unique(self) -> None:
         """When many turns are committed, then all message ids differ."""
         store = await self.open()
