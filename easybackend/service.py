@@ -13,7 +13,7 @@ from collections import OrderedDict
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine, Sequence, TypeVar
 
-from attrs import frozen
+from attrs import field, frozen
 from twisted.internet.defer import CancelledError, Deferred, DeferredLock, succeed
 from twisted.python.failure import Failure
 from twisted.internet.interfaces import IReactorTime
@@ -80,11 +80,20 @@ class Branch:
 
     messages: list[ChatMessage]
     ids: list[str]
+    #: the messages' stored token counts, summed once, not at every turn
+    tokens: int = field()
+
+    @tokens.default
+    def _sum_tokens(self) -> int:
+        return sum(m.tokens for m in self.messages)
 
     def extended(
         self, prompt_id: str, prompt: ChatMessage, answer_id: str, answer: ChatMessage
     ) -> "Branch":
-        return Branch([*self.messages, prompt, answer], [*self.ids, prompt_id, answer_id])
+        return Branch(
+            [*self.messages, prompt, answer], [*self.ids, prompt_id, answer_id],
+            self.tokens + prompt.tokens + answer.tokens,
+        )
 
     def upto(self, message_id: str) -> "Branch | None":
         """
@@ -461,7 +470,7 @@ class ConversationService:
             budget = self.settings.context_tokens - answer_tokens
             system_tokens = counter.count_message("system", system) if system else 0
             prompt_tokens = counter.count_message("user", request.prompt)
-            start = fit(system_tokens, branch.messages, prompt_tokens, budget)
+            start = fit(system_tokens, branch.messages, prompt_tokens, budget, branch.tokens)
             messages = [ChatMessage("system", system)] if system else []
             messages += branch.messages[start:]
             messages.append(ChatMessage("user", request.prompt))

@@ -216,6 +216,7 @@ def fit(
     history: Sequence[Counted],
     prompt_tokens: int,
     budget: int,
+    history_tokens: int | None = None,
 ) -> int:
     """
     Return the index where the kept part of C{history} starts: keep
@@ -227,7 +228,9 @@ def fit(
     or starts with a user message.  Token counts are per message as
     L{TokenCounter.count_message} gives them (C{system_tokens} is 0 without
     a system prompt); C{budget} is the context window less the room kept
-    for the answer.  O(n).
+    for the answer.  C{history_tokens}, when the caller keeps it, is the
+    sum of C{history}'s counts; without it they are summed here.  O(n) only
+    when history has to be dropped or summed.
 
     @raise PromptTooLong: system prompt and new prompt alone exceed C{budget}.
     """
@@ -238,7 +241,9 @@ def fit(
             f"prompt {prompt_tokens}, reply priming {REPLY_PRIMING}) but the "
             f"budget is {budget} tokens"
         )
-    total = fixed + sum(message.tokens for message in history)
+    if history_tokens is None:
+        history_tokens = sum(message.tokens for message in history)
+    total = fixed + history_tokens
     start = 0
     while total > budget:
         # drop the turn at start: its message and all up to the next user one

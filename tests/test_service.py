@@ -593,6 +593,30 @@ class BranchCacheTests(TestCase):
                          ["one", "two", "three again"])
 
 
+class BranchTests(SynchronousTestCase):
+    """A kept branch: its messages, their ids and their token total."""
+
+    def test_token_total_follows_the_messages(self) -> None:
+        """
+        When a branch is extended turn by turn and then cut at one of its
+        messages (a regenerate), then its token total is always the sum of
+        its messages' counts, which the budget uses without summing again.
+        """
+        from easybackend.service import Branch
+
+        branch = Branch([ChatMessage("user", "a", 4), ChatMessage("assistant", "b", 6)],
+                        ["m1", "m2"])
+        self.assertEqual(branch.tokens, 10)
+        for n in range(3, 9, 2):
+            branch = branch.extended(f"m{n}", ChatMessage("user", "q", n),
+                                     f"m{n + 1}", ChatMessage("assistant", "r", 1))
+        self.assertEqual(branch.tokens, 10 + 3 + 5 + 7 + 3)
+        self.assertEqual(branch.tokens, sum(m.tokens for m in branch.messages))
+        cut = branch.upto("m4")
+        assert cut is not None
+        self.assertEqual((cut.ids, cut.tokens), (["m1", "m2", "m3", "m4"], 14))
+
+
 class BranchCacheBoundsTests(SynchronousTestCase):
     """The kept branches stay within their bounds."""
 

@@ -316,6 +316,15 @@ class FitTests(SynchronousTestCase):
                    message("assistant", 1), message("user", 1)]
         self.assertEqual(fit(0, history, 0, REPLY_PRIMING + 3), 3)
 
+    def test_givenTotal(self) -> None:
+        """
+        When the caller passes the history's token total, then the same
+        turns are kept as when C{fit} sums the counts itself.
+        """
+        history = turns(10, 1, 10, 10, 7, 3)
+        for budget in range(REPLY_PRIMING + 10, REPLY_PRIMING + 60):
+            self.assertEqual(fit(5, history, 5, budget, 41), fit(5, history, 5, budget))
+
     def test_dropsAllHistory(self) -> None:
         """
         When only system and prompt fit, then no history is kept and both
