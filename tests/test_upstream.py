@@ -10,6 +10,8 @@ scenario, and cancellation closing the upstream connection.
 
 from __future__ import annotations
 
+import os
+
 import socket
 from email.utils import formatdate
 from typing import Any, Callable
@@ -915,6 +917,42 @@ class LoopbackTests(TestCase):
         await _wait(upstream.stream_chat(REQUEST, lambda piece: None))
         await _wait(upstream.stream_chat(REQUEST, lambda piece: None))
         self.assertEqual([r.headers.get("cookie") for r in self.fake.requests], [None, None])
+
+    async def test_https_upstream(self) -> None:
+        """
+        When the upstream is https, then the default client checks its
+        certificate against the system's trust: a certificate nobody
+        trusts fails the ask as unavailable, one that is trusted (here
+        through C{SSL_CERT_FILE}) answers, over the same kept endpoint.
+        """
+        from twisted.internet.endpoints import serverFromString
+
+        from easybackend.testing.tls import self_signed, server_endpoint
+
+        cert, key = self_signed(self.mktemp())
+        self.fake = FakeUpstream(reactor)
+        port = await self.fake.listen(serverFromString(reactor, server_endpoint(cert, key)))
+        self.addCleanup(self.fake.stop)
+        url = f"https://localhost:{port.getHost().port}/v1"
+        untrusted = OpenAIUpstream(reactor, url, max_retries=0)
+        self.addCleanup(untrusted.close)
+        error = await self.assertFailure(
+            _wait(untrusted.stream_chat(REQUEST, lambda piece: None)), UpstreamUnavailable
+        )
+        self.assertIn("certificate", str(error).lower())
+
+        # OpenSSL reads it when the client's TLS context is made.
+        previous = os.environ.get("SSL_CERT_FILE")
+        os.environ["SSL_CERT_FILE"] = cert
+        self.addCleanup(
+            lambda: os.environ.__setitem__("SSL_CERT_FILE", previous) if previous
+            else os.environ.pop("SSL_CERT_FILE", None))
+        trusted = OpenAIUpstream(reactor, url, max_retries=0)
+        self.addCleanup(trusted.close)
+        pieces: list[str] = []
+        for _ in range(2):
+            await _wait(trusted.stream_chat(REQUEST, pieces.append))
+        self.assertEqual(pieces, PIECES * 2)
 
     async def test_split_at_every_byte(self) -> None:
         """
