@@ -89,8 +89,8 @@ def speed_yardstick(result: dict[str, Any]) -> str | None:
     if not multiples:
         return None
     return ("This machine's speed in this run: the fake upstream, which does the same work in "
-            f"every run, spent {fmt(min(fake))}–{fmt(max(fake))} ms of CPU per ask at c=50 "
-            "(0.74 ms in the fastest run so far). Server CPU per ask as a multiple of the "
+            f"every run, spent {fmt(min(fake))}–{fmt(max(fake))} ms of CPU per ask at c=50. "
+            "Server CPU per ask as a multiple of the "
             "fake's in the same phase, which compares across runs: " + ", ".join(multiples) + ".")
 
 
@@ -524,8 +524,7 @@ def fresh_asks(plan: Plan) -> int:
     enough that the conversations they add (the server keeps the last 256)
     do not push out those the other rounds continue.
     """
-    rounds, n, conc = plan.history
-    return max(1, n // 4)
+    return max(1, plan.history[1] // 4)
 
 
 async def history_phase(bench: Bench, ports: dict[str, int],
