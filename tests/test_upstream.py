@@ -793,6 +793,36 @@ class StreamTests(SynchronousTestCase):
         self.assertRaises(ValueError, OpenAIUpstream, Clock(), "not a url")
 
 
+class ChatMessageTests(SynchronousTestCase):
+    """Messages made many at once, as a cold read of history makes them."""
+
+    def test_many(self) -> None:
+        """
+        When messages are made many at once, then each is what making it
+        alone makes: the same role, content, tokens and JSON, whether the
+        texts are all ASCII (with or without DEL), or hold other text, and
+        whatever the role.
+        """
+        import json
+
+        batches = [
+            ["plain", 'say "hi"\\n', "tab\tnew\nline\x00\x1f", ""],
+            ["plain", "del \x7f here"],
+            ["plain", "é ü 日本 \u2028 \U0001f600"],
+        ]
+        for texts in batches:
+            roles = ["user", "assistant", "tool", "odd role"][: len(texts)] + ["user"] * (len(texts) - 4)
+            tokens = list(range(len(texts)))
+            many = ChatMessage.many(roles, texts, tokens)
+            alone = [ChatMessage(r, t, n) for r, t, n in zip(roles, texts, tokens)]
+            self.assertEqual([tuple(m) for m in many], [tuple(m) for m in alone])
+            self.assertTrue(all(type(m) is ChatMessage for m in many))
+            for m in many:
+                self.assertEqual(m.json, json.dumps(
+                    m.to_dict(), ensure_ascii=False, separators=(",", ":")))
+        self.assertEqual(ChatMessage.many([], [], []), [])
+
+
 class AddressTests(SynchronousTestCase):
     """Where requests go: the API's URL and its connection endpoints."""
 
