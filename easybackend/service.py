@@ -417,6 +417,10 @@ class ConversationService:
         upstream = self._upstream()
         if not request.prompt.strip():
             raise BadRequest('"prompt" must not be empty')
+        for name, text in (("prompt", request.prompt), ("system_prompt", request.system_prompt)):
+            # PostgreSQL cannot store it; refused on SQLite too, alike.
+            if text and "\x00" in text:
+                raise BadRequest(f'"{name}" must not hold the NUL character (U+0000)')
         cid = request.conversation_id
         if cid == NEW:
             cid = new_conversation_id()

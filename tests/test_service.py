@@ -99,6 +99,24 @@ class AskTests(TestCase):
         )
         self.assertEqual(view.conversation.leaf_id, answer.message_id)
 
+    async def test_nul_refused(self) -> None:
+        """
+        When a prompt or system prompt holds the NUL character (which
+        PostgreSQL cannot store), then the ask is refused as a bad request
+        naming the field, before the upstream is called, and nothing is
+        stored.
+        """
+        upstream = ScriptedUpstream()
+        core = await make_core(self, upstream)
+        for request, field in [(ask("a\x00b", "chat-1"), "prompt"),
+                               (AskRequest("chat-1", "hi", system_prompt="\x00"), "system_prompt")]:
+            with self.assertRaises(BadRequest) as caught:
+                await core.ask(request, lambda p: None)
+            self.assertIn(f'"{field}" must not hold the NUL character', str(caught.exception))
+        self.assertEqual(upstream.calls, [])
+        with self.assertRaises(NotFound):
+            await core.get_conversation("chat-1")
+
     async def test_second_ask_sees_first_turn(self) -> None:
         """
         When a second ask arrives on a conversation, then the upstream gets

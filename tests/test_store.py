@@ -485,12 +485,41 @@ class ReadTests(_Shared):
                          ["prompt 0", "answer 0"])
         known = await store.turn_context("c1", None, answers[-1])
         self.assertEqual((known.leaf, known.history), (answers[-1], None))
+        known = await store.turn_context("c1", answers[-1], answers[-1])
+        self.assertEqual((known.leaf, known.history), (answers[-1], None))
         moved = await store.turn_context("c1", None, answers[0])
         self.assertEqual(len(moved.history or []), 6)
         self.assertEqual(await store.turn_context("c3", None), TurnContext(None, None, []))
         for cid, parent in [("c1", other), ("c1", "msg_nope"), ("c3", answers[0])]:
             with self.assertRaises(NotFound):
                 await store.turn_context(cid, parent)
+
+    async def test_turn_context_any_text(self) -> None:
+        """
+        When messages hold control characters (the separators a read may
+        join columns with), quotes or other text, then a turn's history
+        reads them back unchanged, in order, with their tokens, on a
+        chain and on a branch.
+        """
+        store = await self.open()
+        texts = ["a\x1fb", "\x1e\x1f", "", "é 日本 \U0001f600", 'q"\\', "\x01\n\x7f"]
+        leaf = None
+        for n, text in enumerate(texts):
+            _, leaf = await store.commit_turn(
+                turn("c1", leaf, text, f"answer {n}\x1f", prompt_tokens=n), 100.0 + n)
+        stored = await store.branch("c1", leaf)
+        context = await store.turn_context("c1", None)
+        assert context.history is not None
+        self.assertEqual([(m.role, m.content, m.tokens) for m in context.history],
+                         [(m.role, m.content, m.tokens) for m in stored])
+        self.assertEqual([m.content for m in context.history][::2], texts)
+        self.assertEqual(context.ids, [m.id for m in stored])
+        _, fork = await store.commit_turn(
+            turn("c1", stored[3].id, "fork\x1f", "x"), 200.0)
+        forked = await store.turn_context("c1", None)
+        self.assertEqual([m.content for m in forked.history or []],
+                         [m.content for m in stored[:4]] + ["fork\x1f", "x"])
+        self.assertEqual(forked.ids[-1], fork)
 
     async def test_branch_of_nothing(self) -> None:
         """
@@ -1040,6 +1069,12 @@ class SQLiteReadTests(ReadTests, SQLiteCase):
             + _CONVERSATION_MESSAGES.format(columns="id, parent_id, role, content"),
             ("c1",),
         )
+        details = [row[-1] for row in plan]
+        self.assertEqual(len(details), 1, details)
+        self.assertIn("USING INDEX messages_by_conversation", details[0])
+        from easybackend.store import _JOINED_HISTORY
+
+        plan = await self.raw("EXPLAIN QUERY PLAN " + _JOINED_HISTORY, ("c1",))
         details = [row[-1] for row in plan]
         self.assertEqual(len(details), 1, details)
         self.assertIn("USING INDEX messages_by_conversation", details[0])
