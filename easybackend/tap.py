@@ -23,6 +23,7 @@ from twisted.python import usage
 from twisted.web.server import Request, Site
 
 from easybackend.config import SETTINGS, ConfigError, Settings, settings_from
+from easybackend.writethrough import write_through
 
 log = Logger()
 
@@ -326,7 +327,8 @@ def tls_endpoint(description: str, settings: Settings) -> str:
 
 
 def _listen(reactor: Any, description: str, factory: Any) -> IService:
-    service = StreamServerEndpointService(serverFromString(reactor, description), factory)
+    service = StreamServerEndpointService(
+        write_through(serverFromString(reactor, description)), factory)
     # Fail startup at once (with the reason) when the port cannot be had.
     service._raiseSynchronously = True
     return service

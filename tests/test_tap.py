@@ -86,6 +86,28 @@ class SettingsTests(SynchronousTestCase):
         self.assertIn("easybackend", names)
 
 
+class ListenerTests(SynchronousTestCase):
+    """How the service listens."""
+
+    def test_tcp_listeners_write_through(self) -> None:
+        """
+        When the HTTP or WebSocket listener is plain TCP, then its
+        connections send each write at once (L{easybackend.writethrough});
+        a UNIX socket listens as Twisted does.
+        """
+        from twisted.internet import reactor
+        from twisted.internet.endpoints import UNIXServerEndpoint
+        from twisted.internet.protocol import Factory
+
+        from easybackend.tap import _listen
+        from easybackend.writethrough import WriteThroughTCPEndpoint
+
+        tcp = _listen(reactor, "tcp:0:interface=127.0.0.1", Factory())
+        self.assertIsInstance(tcp.endpoint, WriteThroughTCPEndpoint)
+        unix = _listen(reactor, "unix:/tmp/eb-listener.sock", Factory())
+        self.assertIsInstance(unix.endpoint, UNIXServerEndpoint)
+
+
 class ProcessTests(TestCase):
     """The server as a user runs it: C{twistd -n easybackend}."""
 
