@@ -11,7 +11,7 @@ import uuid
 from itertools import repeat
 from json.encoder import encode_basestring_ascii
 from operator import add, itemgetter
-from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence, overload
 
 from attrs import asdict, field, frozen
 from twisted.internet.defer import Deferred
@@ -253,21 +253,6 @@ class ChatMessage(tuple):  # type: ignore[type-arg]
         return tuple.__new__(
             cls, (role, content, tokens, _JSON_HEADS[role] + json_string(content) + "}"))
 
-    @classmethod
-    def many(
-        cls, roles: Sequence[str], contents: Sequence[str], tokens: Sequence[int]
-    ) -> "list[ChatMessage]":
-        """
-        The messages of C{roles}, C{contents} and C{tokens}, taken in step:
-        what C{ChatMessage(role, content, tokens)} makes of each, but built
-        by C loops (C{map}, C{zip}), with no Python call per message.  A
-        cold read of 1,000 messages builds them in about a third of the
-        time.
-        """
-        jsons = map(add, map(add, map(_JSON_HEADS.__getitem__, roles),
-                             _json_strings(contents)), repeat("}"))
-        return list(map(tuple.__new__, repeat(cls), zip(roles, contents, tokens, jsons)))
-
     role: str = property(itemgetter(0))  # type: ignore[assignment]
     content: str = property(itemgetter(1))  # type: ignore[assignment]
     tokens: int = property(itemgetter(2))  # type: ignore[assignment]
@@ -293,6 +278,85 @@ class ChatMessage(tuple):  # type: ignore[type-arg]
 
     def to_dict(self) -> dict[str, str]:
         return {"role": self[0], "content": self[1]}
+
+
+def _jsons(roles: Sequence[str], contents: Sequence[str]) -> list[str]:
+    """Each message's L{ChatMessage.json}, made by C loops (C{map})."""
+    return list(map(add, map(add, map(_JSON_HEADS.__getitem__, roles),
+                             _json_strings(contents)), repeat("}")))
+
+
+class History(Sequence[ChatMessage]):
+    """
+    Messages kept as columns: their roles, contents, stored token counts
+    and JSON, in four lists, and the tokens' total.  A sequence of
+    L{ChatMessage}s, made when one is read.
+
+    A conversation's branch is kept between turns and read from the store
+    as this: lists of strings and numbers are made by C loops and the
+    garbage collector skips their items, where one tuple per message
+    would be made one by one and walked at every full collection (a pause
+    that grew with every long conversation kept).
+    """
+
+    __slots__ = ("roles", "contents", "tokens", "jsons", "total")
+
+    def __init__(
+        self, roles: list[str], contents: list[str], tokens: list[int],
+        jsons: list[str] | None = None, total: int | None = None,
+    ) -> None:
+        self.roles = roles
+        self.contents = contents
+        self.tokens = tokens
+        self.jsons = _jsons(roles, contents) if jsons is None else jsons
+        self.total = sum(tokens) if total is None else total
+
+    @classmethod
+    def of(cls, messages: Iterable[ChatMessage]) -> "History":
+        """C{messages} as a L{History} (itself when it is one)."""
+        if isinstance(messages, History):
+            return messages
+        rows = list(messages)
+        return cls([m[0] for m in rows], [m[1] for m in rows], [m[2] for m in rows],
+                   [m[3] for m in rows])
+
+    def __len__(self) -> int:
+        return len(self.roles)
+
+    @overload
+    def __getitem__(self, at: int) -> ChatMessage: ...
+    @overload
+    def __getitem__(self, at: slice) -> "History": ...
+
+    def __getitem__(self, at: int | slice) -> "ChatMessage | History":
+        if isinstance(at, slice):
+            return History(self.roles[at], self.contents[at], self.tokens[at], self.jsons[at])
+        return tuple.__new__(
+            ChatMessage, (self.roles[at], self.contents[at], self.tokens[at], self.jsons[at]))
+
+    def __iter__(self) -> Iterator[ChatMessage]:
+        return map(tuple.__new__, repeat(ChatMessage),
+                   zip(self.roles, self.contents, self.tokens, self.jsons))
+
+    def __add__(self, other: Iterable[ChatMessage]) -> "History":
+        more = History.of(other)
+        return History(self.roles + more.roles, self.contents + more.contents,
+                       self.tokens + more.tokens, self.jsons + more.jsons,
+                       self.total + more.total)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (History, list, tuple)):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"History({list(self)!r})"
+
+    def json(self) -> str:
+        """The messages' JSON, comma-separated: a JSON array's inside."""
+        return ",".join(self.jsons)
 
 
 @frozen
@@ -407,7 +471,7 @@ class TurnContext:
 
     conversation: Conversation | None
     leaf: str | None
-    history: list[ChatMessage] | None
+    history: "History | None"
     ids: list[str] = field(factory=list)
 
 

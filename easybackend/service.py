@@ -31,6 +31,7 @@ from easybackend.model import (
     CompleteRequest,
     Completion,
     Conversation,
+    History,
     ConversationView,
     Turn,
     Upstream,
@@ -73,27 +74,23 @@ def new_conversation_id() -> str:
 @frozen
 class Branch:
     """
-    A conversation's branch, root first, as history: each message's role,
-    content and stored token count (for the budget), its JSON made once,
-    and, beside them, the stored messages' ids.
+    A conversation's branch, root first, as history (each message's role,
+    content, stored token count for the budget, and JSON made once) and,
+    beside it, the stored messages' ids.
     """
 
-    messages: list[ChatMessage]
+    messages: History = field(converter=History.of)
     ids: list[str]
-    #: the messages' stored token counts, summed once, not at every turn
-    tokens: int = field()
 
-    @tokens.default
-    def _sum_tokens(self) -> int:
-        return sum(m.tokens for m in self.messages)
+    @property
+    def tokens(self) -> int:
+        """The messages' stored token counts, summed as they are added."""
+        return self.messages.total
 
     def extended(
         self, prompt_id: str, prompt: ChatMessage, answer_id: str, answer: ChatMessage
     ) -> "Branch":
-        return Branch(
-            [*self.messages, prompt, answer], [*self.ids, prompt_id, answer_id],
-            self.tokens + prompt.tokens + answer.tokens,
-        )
+        return Branch(self.messages + (prompt, answer), [*self.ids, prompt_id, answer_id])
 
     def upto(self, message_id: str) -> "Branch | None":
         """
@@ -475,9 +472,9 @@ class ConversationService:
             system_tokens = counter.count_message("system", system) if system else 0
             prompt_tokens = counter.count_message("user", request.prompt)
             start = fit(system_tokens, branch.messages, prompt_tokens, budget, branch.tokens)
-            messages = [ChatMessage("system", system)] if system else []
-            messages += branch.messages[start:]
-            messages.append(ChatMessage("user", request.prompt))
+            messages = (History.of([ChatMessage("system", system)] if system else [])
+                        + (branch.messages[start:] if start else branch.messages)
+                        + (ChatMessage("user", request.prompt),))
             completion = await upstream.stream_chat(
                 self._chat_request(request, model, messages), on_piece)
             turn = Turn(

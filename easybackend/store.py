@@ -47,8 +47,8 @@ from easybackend.errors import (
     NotFound,
 )
 from easybackend.model import (
-    ChatMessage,
     Conversation,
+    History,
     Message,
     Turn,
     TurnContext,
@@ -193,7 +193,7 @@ class Dialect(Protocol):
     def turn_locks(
         self, target: str, size: int, reactor: Any
     ) -> "_AdvisoryLocks | None": ...
-    def history(self, cursor: Any, cid: str) -> "History": ...
+    def history(self, cursor: Any, cid: str) -> "MessageColumns": ...
 
 
 @frozen
@@ -278,7 +278,7 @@ class SQLiteDialect:
         """None: one process per file, whose service already serializes turns."""
         return None
 
-    def history(self, cursor: Any, cid: str) -> "History":
+    def history(self, cursor: Any, cid: str) -> "MessageColumns":
         """
         The columns of conversation C{cid}'s messages, as one row of joined
         columns: Python's C{sqlite3} lets go of the GIL at every row it
@@ -290,10 +290,10 @@ class SQLiteDialect:
         cursor.execute(_JOINED_HISTORY, (cid,))
         n, *joined = cursor.fetchone()
         if not n:
-            return History([], [], [], [], [])
+            return MessageColumns([], [], [], [], [])
         ids, parents, roles, tokens, contents = [c.split(_SEPARATOR) for c in joined]
         if all(len(c) == n for c in (ids, parents, roles, tokens, contents)):
-            return History(ids, parents, roles, contents, list(map(int, tokens)))
+            return MessageColumns(ids, parents, roles, contents, list(map(int, tokens)))
         return _history_rows(cursor, _HISTORY_ROWS, cid)
 
     def display(self, path: str) -> str:
@@ -406,7 +406,7 @@ class PostgresDialect:
         state = error.sqlstate
         return state is None or (state[:2] in ("08", "53", "57") and state != "57014")
 
-    def history(self, cursor: Any, cid: str) -> "History":
+    def history(self, cursor: Any, cid: str) -> "MessageColumns":
         """
         The columns of conversation C{cid}'s messages, from its rows
         (psycopg fetches them in one call).
@@ -773,7 +773,7 @@ _CONVERSATION_MESSAGES = (
     "SELECT {columns} FROM messages WHERE conversation_id = ? ORDER BY created"
 )
 
-#: What a turn reads of its conversation's messages, in L{History}'s order.
+#: What a turn reads of its conversation's messages, in L{MessageColumns}' order.
 _HISTORY_ROWS = _CONVERSATION_MESSAGES.format(columns="id, parent_id, role, content, tokens")
 
 #: Between the parts of a column of L{_JOINED_HISTORY}: rare in text.
@@ -790,10 +790,10 @@ _JOINED_HISTORY = (
 
 
 @frozen
-class History:
+class MessageColumns:
     """
-    A conversation's messages as columns, in the same order: ids, parent
-    ids (empty or None at a root), roles, contents and token counts.
+    A conversation's stored messages as columns, in the same order: ids,
+    parent ids (empty or None at a root), roles, contents and token counts.
     """
 
     ids: Sequence[str]
@@ -803,13 +803,13 @@ class History:
     tokens: Sequence[int]
 
 
-def _history_rows(cursor: Any, sql: str, cid: str) -> History:
-    """L{History} from the rows of C{sql} (L{_HISTORY_ROWS} in a dialect)."""
+def _history_rows(cursor: Any, sql: str, cid: str) -> MessageColumns:
+    """L{MessageColumns} from the rows of C{sql} (L{_HISTORY_ROWS} in a dialect)."""
     cursor.execute(sql, (cid,))
     rows = cursor.fetchall()
     if not rows:
-        return History([], [], [], [], [])
-    return History(*map(list, zip(*rows)))
+        return MessageColumns([], [], [], [], [])
+    return MessageColumns(*map(list, zip(*rows)))
 
 
 def _branch(
@@ -863,7 +863,7 @@ def _walk(
 
 
 def _turn_context(
-    found: "tuple[Conversation | None, str | None, History | None]",
+    found: "tuple[Conversation | None, str | None, MessageColumns | None]",
     cid: str, parent_id: str | None,
 ) -> TurnContext:
     """
@@ -878,11 +878,11 @@ def _turn_context(
     if parent_id is not None and not path:
         raise NotFound(f"message {parent_id!r} not found in conversation {cid!r}")
     if conversation is None:
-        return TurnContext(None, None, [])
+        return TurnContext(None, None, History([], [], []))
     return TurnContext(
         conversation, leaf,
-        ChatMessage.many(_pick(history.roles, path), _pick(history.contents, path),
-                         _pick(history.tokens, path)),
+        History(_pick(history.roles, path), _pick(history.contents, path),
+                _pick(history.tokens, path)),
         _pick(history.ids, path))
 
 
@@ -1232,13 +1232,13 @@ class Store:
 
     def _turn_rows(
         self, txn: Any, cid: str, parent_id: str | None, known_leaf: str | None
-    ) -> "tuple[Conversation | None, str | None, History | None]":
+    ) -> "tuple[Conversation | None, str | None, MessageColumns | None]":
         """
         The conversation, the message a turn continues, and (unless the
         caller has its branch) the conversation's messages for L{_branch}.
         """
         conversation = self._fetch_conversation(txn, cid)
-        empty = History([], [], [], [], [])
+        empty = MessageColumns([], [], [], [], [])
         if conversation is None:
             return None, None, empty
         leaf = conversation.leaf_id if parent_id is None else parent_id

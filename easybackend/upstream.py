@@ -55,7 +55,7 @@ from easybackend.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from easybackend.model import ChatRequest, Completion, Usage
+from easybackend.model import ChatRequest, Completion, History, Usage
 from easybackend.sse import SSEError, SSEParser
 
 __all__ = ["OpenAIUpstream", "parse_retry_after"]
@@ -328,7 +328,8 @@ class OpenAIUpstream:
 def _request_body(request: ChatRequest) -> bytes:
     """
     The JSON body of a streaming Chat Completions request; each message's
-    JSON is made once (L{ChatMessage.json}), however often it is sent.
+    JSON is made once (L{ChatMessage.json}, L{History.jsons}), however
+    often it is sent.
     """
     payload: dict[str, Any] = {
         "model": request.model,
@@ -342,7 +343,7 @@ def _request_body(request: ChatRequest) -> bytes:
         payload["max_tokens"] = request.max_tokens
     head, tail = json.dumps(
         payload, ensure_ascii=False, separators=(",", ":")).split('"messages":null', 1)
-    messages = ",".join([m.json for m in request.messages])
+    messages = History.of(request.messages).json()
     return f'{head}"messages":[{messages}]{tail}'.encode("utf-8")
 
 

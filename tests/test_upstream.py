@@ -35,7 +35,7 @@ from easybackend.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from easybackend.model import ChatMessage, ChatRequest, Completion, Usage
+from easybackend.model import ChatMessage, ChatRequest, Completion, History, Usage
 from easybackend.testing.fake_upstream import (
     FakeUpstream,
     Hang,
@@ -793,15 +793,15 @@ class StreamTests(SynchronousTestCase):
         self.assertRaises(ValueError, OpenAIUpstream, Clock(), "not a url")
 
 
-class ChatMessageTests(SynchronousTestCase):
-    """Messages made many at once, as a cold read of history makes them."""
+class HistoryTests(SynchronousTestCase):
+    """Messages kept as columns (L{History}), as a branch is kept."""
 
-    def test_many(self) -> None:
+    def test_same_messages(self) -> None:
         """
-        When messages are made many at once, then each is what making it
-        alone makes: the same role, content, tokens and JSON, whether the
-        texts are all ASCII (with or without DEL), or hold other text, and
-        whatever the role.
+        When messages are kept as columns, then each one read back is what
+        making it alone makes: the same role, content, tokens and JSON,
+        whether the texts are all ASCII (with or without DEL), or hold other
+        text, and whatever the role.
         """
         import json
 
@@ -811,16 +811,39 @@ class ChatMessageTests(SynchronousTestCase):
             ["plain", "é ü 日本 \u2028 \U0001f600"],
         ]
         for texts in batches:
-            roles = ["user", "assistant", "tool", "odd role"][: len(texts)] + ["user"] * (len(texts) - 4)
+            roles = ["user", "assistant", "tool", "odd role"][: len(texts)]
             tokens = list(range(len(texts)))
-            many = ChatMessage.many(roles, texts, tokens)
+            history = History(roles, texts, tokens)
             alone = [ChatMessage(r, t, n) for r, t, n in zip(roles, texts, tokens)]
-            self.assertEqual([tuple(m) for m in many], [tuple(m) for m in alone])
-            self.assertTrue(all(type(m) is ChatMessage for m in many))
-            for m in many:
+            self.assertEqual([tuple(m) for m in history], [tuple(m) for m in alone])
+            self.assertEqual([tuple(history[i]) for i in range(len(texts))],
+                             [tuple(m) for m in alone])
+            self.assertTrue(all(type(m) is ChatMessage for m in history))
+            for m in history:
                 self.assertEqual(m.json, json.dumps(
                     m.to_dict(), ensure_ascii=False, separators=(",", ":")))
-        self.assertEqual(ChatMessage.many([], [], []), [])
+            self.assertEqual(json.loads("[" + history.json() + "]"),
+                             [m.to_dict() for m in alone])
+
+    def test_sequence(self) -> None:
+        """
+        When a history is cut, added to or compared, then it behaves as the
+        list of its messages would, and its token total follows.
+        """
+        a, b, c = ChatMessage("user", "a", 1), ChatMessage("assistant", "b", 2), \
+            ChatMessage("user", "c", 4)
+        history = History.of([a, b])
+        self.assertIs(History.of(history), history)
+        self.assertEqual((len(history), history.total), (2, 3))
+        self.assertEqual(history, [a, b])
+        self.assertNotEqual(history, [a])
+        longer = history + (c,)
+        self.assertEqual((longer, longer.total), ([a, b, c], 7))
+        self.assertEqual((history, history.total), ([a, b], 3), "the original changed")
+        self.assertEqual((longer[1:], longer[1:].total), ([b, c], 6))
+        self.assertEqual(longer[-1], c)
+        self.assertEqual(History.of([]) + longer[:0], [])
+        self.assertEqual(History.of([]).json(), "")
 
 
 class AddressTests(SynchronousTestCase):
