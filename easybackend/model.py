@@ -242,9 +242,8 @@ class ChatMessage(tuple):  # type: ignore[type-arg]
     conversation's history goes upstream again at every turn.
 
     A value like the C{attrs} classes here (immutable, equal by role and
-    content), but a tuple underneath: a cold read of a long conversation
-    makes one per stored message, and this costs two thirds of what
-    C{attrs}' frozen C{__init__} does.
+    content), but a tuple underneath, cheap to make: a L{History} makes one
+    whenever one of its messages is read.
     """
 
     __slots__ = ()

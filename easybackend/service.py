@@ -31,8 +31,8 @@ from easybackend.model import (
     CompleteRequest,
     Completion,
     Conversation,
-    History,
     ConversationView,
+    History,
     Turn,
     Upstream,
     check_conversation_id,
@@ -415,7 +415,7 @@ class ConversationService:
         if not request.prompt.strip():
             raise BadRequest('"prompt" must not be empty')
         for name, text in (("prompt", request.prompt), ("system_prompt", request.system_prompt)):
-            # PostgreSQL cannot store it; refused on SQLite too, alike.
+            # PostgreSQL cannot store it: refused whatever the store, alike.
             if text and "\x00" in text:
                 raise BadRequest(f'"{name}" must not hold the NUL character (U+0000)')
         cid = request.conversation_id

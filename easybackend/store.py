@@ -1222,10 +1222,10 @@ class Store:
         caller has.  L{NotFound} when C{parent_id} is not a message of the
         conversation.
 
-        The pool thread only runs the queries; the branch is found and its
-        messages made back on the calling thread, so that a long history
-        does not keep the reactor thread waiting for the GIL while a pool
-        thread runs Python.
+        The pool thread only runs the queries (on SQLite, one row of joined
+        columns); the branch is found and its messages' JSON made back on
+        the calling thread, so that a long history does not keep the
+        reactor thread waiting for the GIL while a pool thread runs Python.
         """
         return self._read(self._turn_rows, cid, parent_id, known_leaf).addCallback(
             _turn_context, cid, parent_id)
