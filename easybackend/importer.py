@@ -59,10 +59,14 @@ def parse_entry(entry: object, number: int) -> OldTurn:
     """
     Split one old entry into prompt and answer.  Tolerates CRLF, a missing
     C{<|im_end|>} and a missing C{ChatGPT:} part (an empty answer); an
-    entry that is not a string starting with C{User:} is invalid.
+    entry that is not a string starting with C{User:}, or that holds the
+    NUL character, is invalid.
     """
     if not isinstance(entry, str):
         raise InvalidFile(f"entry {number} is not a string")
+    if "\x00" in entry:
+        # PostgreSQL cannot store it; the server refuses it in prompts too.
+        raise InvalidFile(f"entry {number} holds the NUL character (U+0000)")
     text = entry.replace("\r\n", "\n").replace("\r", "\n")
     start = _USER.match(text)
     if start is None:

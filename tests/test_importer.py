@@ -85,6 +85,17 @@ class ParseTests(SynchronousTestCase):
         self.assertRaises(InvalidFile, parse_entry, 42, 1)
         self.assertRaises(InvalidFile, parse_entry, None, 1)
 
+    def test_nul(self) -> None:
+        """
+        When an entry holds the NUL character (which PostgreSQL cannot
+        store, and the server refuses in prompts), then it is invalid, and
+        the reason names the entry and the character.
+        """
+        error = self.assertRaises(InvalidFile, parse_entry, entry("a\x00b", "c"), 2)
+        self.assertIn("entry 2 holds the NUL character", str(error))
+        error = self.assertRaises(InvalidFile, parse_entry, entry("a", "b\x00"), 5)
+        self.assertIn("entry 5", str(error))
+
     def test_bad_files(self) -> None:
         """
         When a file is not a non-empty JSON list of entries in UTF-8, then
