@@ -472,9 +472,10 @@ class ConversationService:
             system_tokens = counter.count_message("system", system) if system else 0
             prompt_tokens = counter.count_message("user", request.prompt)
             start = fit(system_tokens, branch.messages, prompt_tokens, budget, branch.tokens)
-            messages = (History.of([ChatMessage("system", system)] if system else [])
-                        + (branch.messages[start:] if start else branch.messages)
-                        + (ChatMessage("user", request.prompt),))
+            messages = (branch.messages[start:] if start else branch.messages) + (
+                ChatMessage("user", request.prompt),)
+            if system:
+                messages = History.of((ChatMessage("system", system),)) + messages
             completion = await upstream.stream_chat(
                 self._chat_request(request, model, messages), on_piece)
             turn = Turn(

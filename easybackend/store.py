@@ -290,7 +290,7 @@ class SQLiteDialect:
         cursor.execute(_JOINED_HISTORY, (cid,))
         n, *joined = cursor.fetchone()
         if not n:
-            return MessageColumns([], [], [], [], [])
+            return _NO_MESSAGES
         ids, parents, roles, tokens, contents = [c.split(_SEPARATOR) for c in joined]
         if all(len(c) == n for c in (ids, parents, roles, tokens, contents)):
             return MessageColumns(ids, parents, roles, contents, list(map(int, tokens)))
@@ -803,12 +803,16 @@ class MessageColumns:
     tokens: Sequence[int]
 
 
+#: A conversation with no messages, or none read.
+_NO_MESSAGES = MessageColumns((), (), (), (), ())
+
+
 def _history_rows(cursor: Any, sql: str, cid: str) -> MessageColumns:
     """L{MessageColumns} from the rows of C{sql} (L{_HISTORY_ROWS} in a dialect)."""
     cursor.execute(sql, (cid,))
     rows = cursor.fetchall()
     if not rows:
-        return MessageColumns([], [], [], [], [])
+        return _NO_MESSAGES
     return MessageColumns(*map(list, zip(*rows)))
 
 
@@ -1238,12 +1242,11 @@ class Store:
         caller has its branch) the conversation's messages for L{_branch}.
         """
         conversation = self._fetch_conversation(txn, cid)
-        empty = MessageColumns([], [], [], [], [])
         if conversation is None:
-            return None, None, empty
+            return None, None, _NO_MESSAGES
         leaf = conversation.leaf_id if parent_id is None else parent_id
         if leaf is None:
-            return conversation, None, empty
+            return conversation, None, _NO_MESSAGES
         if leaf == known_leaf == conversation.leaf_id:
             return conversation, leaf, None
         return conversation, leaf, self._dialect.history(txn, cid)
