@@ -6,6 +6,7 @@ needs the reactor.
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 from itertools import repeat
@@ -220,6 +221,16 @@ class _Heads(dict):  # type: ignore[type-arg]
 _JSON_HEADS = _Heads()
 
 
+def message_json(role: str, content: str) -> str:
+    """
+    A message's JSON as a request sends it, C{{"role":...,"content":...}},
+    as C{json.dumps} with no spaces and C{ensure_ascii=False} writes it.
+    The store keeps it beside the message, so that a history read from it
+    goes upstream without being written again.
+    """
+    return _JSON_HEADS[role] + json_string(content) + "}"
+
+
 def _json_strings(texts: Sequence[str]) -> Iterator[str]:
     """
     Each of C{texts} as L{json_string} writes it.  When all are ASCII (and
@@ -249,8 +260,7 @@ class ChatMessage(tuple):  # type: ignore[type-arg]
     __slots__ = ()
 
     def __new__(cls, role: str, content: str, tokens: int = 0) -> "ChatMessage":
-        return tuple.__new__(
-            cls, (role, content, tokens, _JSON_HEADS[role] + json_string(content) + "}"))
+        return tuple.__new__(cls, (role, content, tokens, message_json(role, content)))
 
     role: str = property(itemgetter(0))  # type: ignore[assignment]
     content: str = property(itemgetter(1))  # type: ignore[assignment]
@@ -287,8 +297,8 @@ def _jsons(roles: Sequence[str], contents: Sequence[str]) -> list[str]:
 
 class History(Sequence[ChatMessage]):
     """
-    Messages kept as columns: their roles, contents, stored token counts
-    and JSON, in four lists, and the tokens' total.  A sequence of
+    Messages kept as columns: their JSON and stored token counts, the
+    tokens' total, and their roles and contents.  A sequence of
     L{ChatMessage}s, made when one is read.
 
     A conversation's branch is kept between turns and read from the store
@@ -296,19 +306,39 @@ class History(Sequence[ChatMessage]):
     garbage collector skips their items, where one tuple per message
     would be made one by one and walked at every full collection (a pause
     that grew with every long conversation kept).
+
+    A history read from the store (L{stored}) has only the messages' JSON
+    as stored: what a request sends.  Their roles and contents are parsed
+    from it when first read, which an ask does not do unless it drops
+    old turns to fit the context window (one message at a time).
     """
 
-    __slots__ = ("roles", "contents", "tokens", "jsons", "total")
+    __slots__ = ("_roles", "_contents", "tokens", "jsons", "total")
 
     def __init__(
         self, roles: list[str], contents: list[str], tokens: list[int],
         jsons: list[str] | None = None, total: int | None = None,
     ) -> None:
-        self.roles = roles
-        self.contents = contents
+        self._roles: list[str] | None = roles
+        self._contents: list[str] | None = contents
         self.tokens = tokens
         self.jsons = _jsons(roles, contents) if jsons is None else jsons
         self.total = sum(tokens) if total is None else total
+
+    @classmethod
+    def stored(
+        cls, jsons: list[str], tokens: list[int], total: int | None = None
+    ) -> "History":
+        """
+        Messages from their JSON (as L{message_json} writes it, or any JSON
+        object with C{role} and C{content}) and token counts.
+        """
+        self = cls.__new__(cls)
+        self._roles = self._contents = None
+        self.jsons = jsons
+        self.tokens = tokens
+        self.total = sum(tokens) if total is None else total
+        return self
 
     @classmethod
     def of(cls, messages: Iterable[ChatMessage]) -> "History":
@@ -319,8 +349,27 @@ class History(Sequence[ChatMessage]):
         return cls([m[0] for m in rows], [m[1] for m in rows], [m[2] for m in rows],
                    [m[3] for m in rows])
 
+    @property
+    def roles(self) -> list[str]:
+        """Each message's role."""
+        if self._roles is None:
+            self._parse()
+        return self._roles  # type: ignore[return-value]
+
+    @property
+    def contents(self) -> list[str]:
+        """Each message's content."""
+        if self._contents is None:
+            self._parse()
+        return self._contents  # type: ignore[return-value]
+
+    def _parse(self) -> None:
+        messages = json.loads("[" + self.json() + "]")
+        self._roles = [m["role"] for m in messages]
+        self._contents = [m["content"] for m in messages]
+
     def __len__(self) -> int:
-        return len(self.roles)
+        return len(self.jsons)
 
     @overload
     def __getitem__(self, at: int) -> ChatMessage: ...
@@ -329,9 +378,15 @@ class History(Sequence[ChatMessage]):
 
     def __getitem__(self, at: int | slice) -> "ChatMessage | History":
         if isinstance(at, slice):
+            if self._roles is None:
+                return History.stored(self.jsons[at], self.tokens[at])
             return History(self.roles[at], self.contents[at], self.tokens[at], self.jsons[at])
-        return tuple.__new__(
-            ChatMessage, (self.roles[at], self.contents[at], self.tokens[at], self.jsons[at]))
+        if self._roles is None:
+            message = json.loads(self.jsons[at])
+            role, content = message["role"], message["content"]
+        else:
+            role, content = self.roles[at], self.contents[at]  # type: ignore[index]
+        return tuple.__new__(ChatMessage, (role, content, self.tokens[at], self.jsons[at]))
 
     def __iter__(self) -> Iterator[ChatMessage]:
         return map(tuple.__new__, repeat(ChatMessage),
@@ -339,9 +394,12 @@ class History(Sequence[ChatMessage]):
 
     def __add__(self, other: Iterable[ChatMessage]) -> "History":
         more = History.of(other)
+        tokens, jsons = self.tokens + more.tokens, self.jsons + more.jsons
+        total = self.total + more.total
+        if self._roles is None or more._roles is None:
+            return History.stored(jsons, tokens, total)
         return History(self.roles + more.roles, self.contents + more.contents,
-                       self.tokens + more.tokens, self.jsons + more.jsons,
-                       self.total + more.total)
+                       tokens, jsons, total)
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, (History, list, tuple)):

@@ -53,6 +53,7 @@ from easybackend.model import (
     Turn,
     TurnContext,
     Usage,
+    message_json,
 )
 
 __all__ = [
@@ -117,7 +118,8 @@ MIGRATION_KEY = _advisory_key(b"eb.migrate", "schema")
 # --- the dialect seam --------------------------------------------------------
 
 #: Forward migrations, shared by every dialect: step N (1-based) brings the
-#: schema to version N; C{{real}} is the dialect's floating-point type.
+#: schema to version N; C{{real}} is the dialect's floating-point type and
+#: C{{message_json}} its expression for a message row's L{message_json}.
 #: Append new steps; never edit a released one.
 _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
@@ -159,7 +161,18 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         " ON messages (conversation_id, created)",
         "CREATE INDEX messages_by_parent ON messages (parent_id)",
     ),
+    (
+        # Each message's JSON as a request sends it, written with the
+        # message: a history read from the store goes upstream as stored
+        # (see Store.turn_context).
+        "ALTER TABLE messages ADD COLUMN json TEXT NOT NULL DEFAULT ''",
+        "UPDATE messages SET json = {message_json}",
+    ),
 )
+
+
+#: L{message_json} as an SQLite function on the store's connection.
+_SQLITE_MESSAGE_JSON = "easybackend_message_json"
 
 
 def _migrations(**types: str) -> tuple[tuple[str, ...], ...]:
@@ -207,7 +220,9 @@ class SQLiteDialect:
     #: the write lock already covers every row
     for_update: ClassVar[str] = ""
     probe_before_write: ClassVar[bool] = False
-    migrations: ClassVar[tuple[tuple[str, ...], ...]] = _migrations(real="REAL")
+    migrations: ClassVar[tuple[tuple[str, ...], ...]] = _migrations(
+        real="REAL", message_json=f"{_SQLITE_MESSAGE_JSON}(role, content)"
+    )
 
     def pool_arguments(
         self, path: str, pool_size: int
@@ -232,10 +247,13 @@ class SQLiteDialect:
         Set up a new connection: wait for locks rather than fail, enforce
         foreign keys, write ahead (readers never block the writer), and
         sync at checkpoints only (a crash may lose the last commits, never
-        consistency).  Closes the connection if that fails, so that a file
-        that is not a database leaves nothing open.
+        consistency); L{message_json} for the migration that fills in each
+        message's JSON.  Closes the connection if that fails, so that a
+        file that is not a database leaves nothing open.
         """
         try:
+            connection.create_function(
+                _SQLITE_MESSAGE_JSON, 2, message_json, deterministic=True)
             connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             connection.execute("PRAGMA foreign_keys = ON")
             (mode,) = connection.execute("PRAGMA journal_mode = WAL").fetchone()
@@ -285,15 +303,16 @@ class SQLiteDialect:
         steps, and while the reactor thread is busy each of those is a
         thread switch (a 1,000-row read took twice as long, and twice the
         CPU, as the joined one).  When a field holds the separator, its
-        column splits into too many parts: then the rows are read as rows.
+        column splits into too many parts: then the rows are read as rows
+        (never for the JSON column, where U+001F is written escaped).
         """
         cursor.execute(_JOINED_HISTORY, (cid,))
         n, *joined = cursor.fetchone()
         if not n:
             return _NO_MESSAGES
-        ids, parents, roles, tokens, contents = [c.split(_SEPARATOR) for c in joined]
-        if all(len(c) == n for c in (ids, parents, roles, tokens, contents)):
-            return MessageColumns(ids, parents, roles, contents, list(map(int, tokens)))
+        ids, parents, jsons, tokens = [c.split(_SEPARATOR) for c in joined]
+        if all(len(c) == n for c in (ids, parents, jsons, tokens)):
+            return MessageColumns(ids, parents, jsons, list(map(int, tokens)))
         return _history_rows(cursor, _HISTORY_ROWS, cid)
 
     def display(self, path: str) -> str:
@@ -334,7 +353,8 @@ class PostgresDialect:
     for_update: ClassVar[str] = " FOR UPDATE"
     probe_before_write: ClassVar[bool] = True
     migrations: ClassVar[tuple[tuple[str, ...], ...]] = _migrations(
-        real="DOUBLE PRECISION"
+        real="DOUBLE PRECISION",
+        message_json="json_build_object('role', role, 'content', content)::text",
     )
 
     def pool_arguments(
@@ -766,6 +786,8 @@ _MESSAGE_COLUMNS = (
     "id, conversation_id, parent_id, role, content, tokens, created, model,"
     " finish_reason, prompt_tokens, completion_tokens, total_tokens"
 )
+#: What a message's row holds beyond L{_MESSAGE_COLUMNS}: its L{message_json}.
+_WRITTEN_COLUMNS = _MESSAGE_COLUMNS + ", json"
 
 #: A conversation's messages, through its index, oldest first (so that a
 #: conversation never branched comes as its branch: see L{_branch}).
@@ -774,7 +796,7 @@ _CONVERSATION_MESSAGES = (
 )
 
 #: What a turn reads of its conversation's messages, in L{MessageColumns}' order.
-_HISTORY_ROWS = _CONVERSATION_MESSAGES.format(columns="id, parent_id, role, content, tokens")
+_HISTORY_ROWS = _CONVERSATION_MESSAGES.format(columns="id, parent_id, json, tokens")
 
 #: Between the parts of a column of L{_JOINED_HISTORY}: rare in text.
 _SEPARATOR = "\x1f"
@@ -783,8 +805,8 @@ _SEPARATOR = "\x1f"
 #: pass over the conversation's index (so all in the same order).
 _JOINED_HISTORY = (
     "SELECT count(*), group_concat(id, char(31)),"
-    " group_concat(ifnull(parent_id, ''), char(31)), group_concat(role, char(31)),"
-    " group_concat(tokens, char(31)), group_concat(content, char(31))"
+    " group_concat(ifnull(parent_id, ''), char(31)),"
+    " group_concat(json, char(31)), group_concat(tokens, char(31))"
     " FROM messages WHERE conversation_id = ?"
 )
 
@@ -793,18 +815,18 @@ _JOINED_HISTORY = (
 class MessageColumns:
     """
     A conversation's stored messages as columns, in the same order: ids,
-    parent ids (empty or None at a root), roles, contents and token counts.
+    parent ids (empty or None at a root), each message's JSON as a request
+    sends it (L{message_json}) and token counts.
     """
 
     ids: Sequence[str]
     parents: Sequence[str | None]
-    roles: Sequence[str]
-    contents: Sequence[str]
+    jsons: Sequence[str]
     tokens: Sequence[int]
 
 
 #: A conversation with no messages, or none read.
-_NO_MESSAGES = MessageColumns((), (), (), (), ())
+_NO_MESSAGES = MessageColumns((), (), (), ())
 
 
 def _history_rows(cursor: Any, sql: str, cid: str) -> MessageColumns:
@@ -885,8 +907,7 @@ def _turn_context(
         return TurnContext(None, None, History([], [], []))
     return TurnContext(
         conversation, leaf,
-        History(_pick(history.roles, path), _pick(history.contents, path),
-                _pick(history.tokens, path)),
+        History.stored(_pick(history.jsons, path), _pick(history.tokens, path)),
         _pick(history.ids, path))
 
 
@@ -1414,8 +1435,8 @@ class Store:
     ) -> tuple[str, str]:
         """Insert the prompt under C{parent_id} and the answer under it."""
         insert = (
-            f"INSERT INTO messages ({_MESSAGE_COLUMNS})"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            f"INSERT INTO messages ({_WRITTEN_COLUMNS})"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
         )
         cid = turn.conversation_id
         prompt_id = self._new_id()
@@ -1423,7 +1444,8 @@ class Store:
             txn,
             insert,
             (prompt_id, cid, parent_id, "user", turn.prompt,
-             turn.prompt_tokens, now, None, None, None, None, None),
+             turn.prompt_tokens, now, None, None, None, None, None,
+             message_json("user", turn.prompt)),
         )
         answer_id = self._new_id()
         usage = turn.usage
@@ -1433,7 +1455,7 @@ class Store:
             (answer_id, cid, prompt_id, "assistant", turn.answer,
              turn.answer_tokens, now, turn.model or None, turn.finish_reason,
              usage and usage.prompt_tokens, usage and usage.completion_tokens,
-             usage and usage.total_tokens),
+             usage and usage.total_tokens, message_json("assistant", turn.answer)),
         )
         return prompt_id, answer_id
 

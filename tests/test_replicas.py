@@ -20,7 +20,7 @@ from twisted.internet.endpoints import clientFromString
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
-from easybackend.store import DEFAULT_POOL_SIZE
+from easybackend.store import DEFAULT_POOL_SIZE, POSTGRES
 from easybackend.testing.fake_upstream import FakeUpstream, Stream
 from easybackend.testing.fixtures import within
 from easybackend.testing.postgres import fresh_database, query, terminate_backends
@@ -237,7 +237,7 @@ class ConcurrentReplicaTests(ReplicaCase):
         """
         servers = await self.start(2)
         [version] = await query(self.db, "SELECT version FROM schema_version")
-        self.assertEqual(version, (1,))
+        self.assertEqual(version, (len(POSTGRES.migrations),))
         sockets = [await self.websocket(s) for s in servers]
         seed = random.randrange(1 << 30)
         plan = [(f"load-{c:02d}", t) for c in range(CONVERSATIONS) for t in range(TURNS)]

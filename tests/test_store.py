@@ -10,6 +10,7 @@ start it.
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import sys
@@ -235,6 +236,41 @@ class OpenTests(_Shared):
         await self.open()
         self.assertEqual(await self.schema_version(), len(self.dialect.migrations))
         self.assertIsNotNone(await store.get_conversation("c1"))
+
+    async def test_messages_of_version_one(self) -> None:
+        """
+        When a database of schema version 1 (before each message's JSON was
+        stored) holds messages, then opening it fills in their JSON, and a
+        turn's history sends them as they were, with new turns after them.
+        """
+        texts = ["plain", 'say "hi"\n', "é 日本 \u2028 \U0001f600", "tab\t\x1f\x7f", "\\"]
+
+        def version_one(cursor: Any) -> None:
+            self.dialect.schema_version(cursor)
+            for statement in self.dialect.migrations[0]:
+                cursor.execute(statement)
+            self.dialect.set_schema_version(cursor, 1)
+            cursor.execute(self.dialect.sql(
+                "INSERT INTO conversations (id, created, updated, leaf_id)"
+                " VALUES ('c1', 1, 1, ?)"), (f"m{len(texts) - 1}",))
+            for n, text in enumerate(texts):
+                cursor.execute(self.dialect.sql(
+                    "INSERT INTO messages (id, conversation_id, parent_id, role,"
+                    " content, tokens, created) VALUES (?, 'c1', ?, ?, ?, ?, ?)"),
+                    (f"m{n}", f"m{n - 1}" if n else None,
+                     "user" if n % 2 == 0 else "assistant", text, n, 1 + n))
+
+        await self.on_cursor(version_one)
+        store = await self.open()
+        self.assertEqual(await self.schema_version(), len(self.dialect.migrations))
+        context = await store.turn_context("c1", None)
+        assert context.history is not None
+        self.assertEqual([m.content for m in context.history], texts)
+        self.assertEqual([json.loads(j)["content"] for j in context.history.jsons], texts)
+        self.assertEqual(context.history.total, sum(range(len(texts))))
+        await store.commit_turn(turn("c1", "m4", "next", "answer"), 10.0)
+        after = await store.turn_context("c1", None)
+        self.assertEqual([m.content for m in after.history or []], [*texts, "next", "answer"])
 
     async def test_newer_schema(self) -> None:
         """

@@ -35,7 +35,7 @@ from easybackend.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from easybackend.model import ChatMessage, ChatRequest, Completion, History, Usage
+from easybackend.model import ChatMessage, ChatRequest, Completion, History, Usage, message_json
 from easybackend.testing.fake_upstream import (
     FakeUpstream,
     Hang,
@@ -844,6 +844,35 @@ class HistoryTests(SynchronousTestCase):
         self.assertEqual(longer[-1], c)
         self.assertEqual(History.of([]) + longer[:0], [])
         self.assertEqual(History.of([]).json(), "")
+
+    def test_stored(self) -> None:
+        """
+        When a history is made from its messages' JSON as stored (ours, or
+        another writer's with spaces and escapes), then it sends that JSON
+        unchanged, reads back the same messages, one at a time or all, and
+        stays so when cut or added to.
+        """
+        texts = ["plain", 'say "hi"\n', "é 日本 \u2028", "tab\tnew\nline\x1f"]
+        roles = ["user", "assistant", "user", "assistant"]
+        alone = [ChatMessage(r, t, n) for n, (r, t) in enumerate(zip(roles, texts))]
+        ours = [message_json(r, t) for r, t in zip(roles, texts)]
+        self.assertEqual(ours, [m.json for m in alone])
+        theirs = ['{"role" : "user", "content" : "plain"}',
+                  '{"role" : "assistant", "content" : "say \\"hi\\"\\n"}',
+                  '{"content": "\\u00e9 \\u65e5\\u672c \\u2028", "role": "user"}',
+                  '{"role":"assistant","content":"tab\\tnew\\nline\\u001f"}']
+        for jsons in (ours, theirs):
+            history = History.stored(list(jsons), [0, 1, 2, 3])
+            self.assertEqual(history.json(), ",".join(jsons))
+            self.assertEqual((len(history), history.total), (4, 6))
+            self.assertEqual([tuple(history[i])[:3] for i in range(4)],
+                             [tuple(m)[:3] for m in alone])
+            self.assertEqual(history[-1].json, jsons[-1])
+            longer = history[1:] + (ChatMessage("user", "more", 5),)
+            self.assertEqual(longer.json(), ",".join([*jsons[1:], message_json("user", "more")]))
+            self.assertEqual((longer, longer.total), ([*alone[1:], ChatMessage("user", "more")], 11))
+            self.assertEqual([m[:3] for m in history], [m[:3] for m in alone])
+            self.assertEqual((history.roles, history.contents), (roles, texts))
 
 
 class AddressTests(SynchronousTestCase):
