@@ -15,6 +15,7 @@ per answer with them (bench/analysis.md).
 
 from __future__ import annotations
 
+import socket
 from typing import Any, Iterable
 
 from twisted.internet import defer, tcp
@@ -25,7 +26,23 @@ from zope.interface import implementer
 
 
 class WriteThroughServer(tcp.Server):
-    """A server connection that sends a write at once when it can."""
+    """
+    A server connection that sends a write at once when it can, with
+    C{TCP_NODELAY} on (as asyncio's transports have it).
+
+    Twisted sends what a turn wrote in one C{send}.  Written through, a
+    response's last pieces (an answer, then the chunked terminator) go out
+    as two small segments, and with Nagle's algorithm the second waits
+    for the client's acknowledgement of the first: on a real network, for
+    the client's delayed ACK (40 ms on Linux, 200 ms on Windows).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        try:
+            self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass  # not TCP after all, or already closed: nothing to hold back
 
     def write(self, data: bytes) -> None:
         if data and isinstance(data, bytes) and self._nothing_waiting():

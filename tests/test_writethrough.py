@@ -98,6 +98,18 @@ class WriteThroughTests(TestCase):
         self.assertTrue(got == expected, "the bytes came out of order")
         self.assertEqual(client.recv(10), b"", "no close after the bytes")
 
+    async def test_no_delay(self) -> None:
+        """
+        When a connection is accepted, then it sends small writes without
+        waiting for the peer's acknowledgement of earlier ones
+        (C{TCP_NODELAY}), so that a response's last two writes are not
+        held apart by Nagle's algorithm.
+        """
+        server, client = await self.connect()
+        self.assertTrue(server.transport.socket.getsockopt(
+            socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        self.assertTrue(server.transport.getTcpNoDelay())
+
     async def test_not_bytes(self) -> None:
         """When a connection writes text, then it is refused as Twisted refuses it."""
         server, client = await self.connect()
