@@ -312,8 +312,10 @@ class SQLiteDialect:
             return _NO_MESSAGES
         ids, parents, jsons, tokens = [c.split(_SEPARATOR) for c in joined]
         if all(len(c) == n for c in (ids, parents, jsons, tokens)):
-            return MessageColumns(ids, parents, jsons, list(map(int, tokens)))
-        return _history_rows(cursor, _HISTORY_ROWS, cid)
+            columns = MessageColumns(ids, parents, jsons, list(map(int, tokens)))
+        else:
+            columns = _history_rows(cursor, _HISTORY_ROWS, cid)
+        return _with_json(cursor, _MESSAGE_TEXTS, cid, columns)
 
     def display(self, path: str) -> str:
         """How the database is named in messages."""
@@ -431,7 +433,9 @@ class PostgresDialect:
         The columns of conversation C{cid}'s messages, from its rows
         (psycopg fetches them in one call).
         """
-        return _history_rows(cursor, self.sql(_HISTORY_ROWS), cid)
+        return _with_json(
+            cursor, self.sql(_MESSAGE_TEXTS), cid,
+            _history_rows(cursor, self.sql(_HISTORY_ROWS), cid))
 
     def turn_locks(self, url: str, size: int, reactor: Any) -> "_AdvisoryLocks":
         """Conversation locks on up to C{size} connections of their own."""
@@ -836,6 +840,25 @@ def _history_rows(cursor: Any, sql: str, cid: str) -> MessageColumns:
     if not rows:
         return _NO_MESSAGES
     return MessageColumns(*map(list, zip(*rows)))
+
+
+#: Each message's role and content, for a JSON its row lacks (L{_with_json}).
+_MESSAGE_TEXTS = "SELECT id, role, content FROM messages WHERE conversation_id = ?"
+
+
+def _with_json(cursor: Any, sql: str, cid: str, columns: MessageColumns) -> MessageColumns:
+    """
+    C{columns}, where a message was stored without its JSON (a row another
+    program wrote, leaving the column's empty default), with that JSON
+    made from the message's role and content (C{sql}: L{_MESSAGE_TEXTS}),
+    so that its history still goes upstream whole.
+    """
+    if "" not in columns.jsons:
+        return columns
+    cursor.execute(sql, (cid,))
+    made = {row[0]: message_json(row[1], row[2]) for row in cursor.fetchall()}
+    return evolve(columns, jsons=[
+        stored or made[at] for at, stored in zip(columns.ids, columns.jsons)])
 
 
 def _branch(

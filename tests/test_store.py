@@ -557,6 +557,34 @@ class ReadTests(_Shared):
                          [m.content for m in stored[:4]] + ["fork\x1f", "x"])
         self.assertEqual(forked.ids[-1], fork)
 
+    async def test_turn_context_row_without_json(self) -> None:
+        """
+        When another program stored a message without its JSON (the
+        column's empty default), then a turn's history still holds it,
+        and sends it as JSON made from its role and content.
+        """
+        store = await self.open()
+        [leaf] = await self.chain(store, 1)
+        text = 'written by "another" tool\n'
+
+        def insert(cursor: Any) -> None:
+            cursor.execute(self.dialect.sql(
+                "INSERT INTO messages (id, conversation_id, parent_id, role,"
+                " content, tokens, created) VALUES ('other', 'c1', ?, 'user', ?, 3, 500)"),
+                (leaf, text))
+            cursor.execute(self.dialect.sql(
+                "UPDATE conversations SET leaf_id = 'other' WHERE id = 'c1'"))
+
+        await self.on_cursor(insert)
+        self.assertEqual(await self.raw("SELECT json FROM messages WHERE id = 'other'"), [("",)])
+        context = await store.turn_context("c1", None)
+        assert context.history is not None
+        self.assertEqual([(m.role, m.content) for m in context.history],
+                         [("user", "prompt 0"), ("assistant", "answer 0"), ("user", text)])
+        self.assertEqual(json.loads("[" + context.history.json() + "]")[-1],
+                         {"role": "user", "content": text})
+        self.assertEqual(context.history.tokens[-1], 3)
+
     async def test_branch_of_nothing(self) -> None:
         """
         When the leaf is None, unknown, or of another conversation, then the
