@@ -368,7 +368,7 @@ async def transport_phases(bench: Bench, name: str, ports: dict[str, int],
                 client, direct, 100, *plan.burst, label=name, burst=True)
     finally:
         await client.close()
-    levels = {k: v for k, v in result.items() if k.startswith("c") and k[1:].isdigit()}
+    levels = {k: v for k, v in result.items() if is_level(k)}
     best = max(levels, key=lambda k: levels[k]["server"]["asks_per_s"] or 0)
     best_direct = max(levels, key=lambda k: levels[k]["direct"]["asks_per_s"] or 0)
     result["saturation"] = {
@@ -377,6 +377,16 @@ async def transport_phases(bench: Bench, name: str, ports: dict[str, int],
         "direct_at": best_direct,
     }
     return result
+
+
+def is_level(key: str) -> bool:
+    """Whether a transport result's C{key} is a spread-start c=N level (C{c50})."""
+    return key.startswith("c") and key[1:].isdigit()
+
+
+def server_errors(t: dict[str, Any]) -> int:
+    """The failed asks through the server in a transport's load rounds, burst included."""
+    return sum(c["server"]["errors"] for k, c in t.items() if is_level(k) or k == "burst100")
 
 
 async def profile_phase(bench: Bench, name: str, ports: dict[str, int], server_pid: int,
@@ -662,8 +672,7 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         ratio = c50["throughput_ratio"]
         rows.append({"transport": name, "target": "asks/s at c=50 >= 0.9 x direct",
                      "value": ratio, "unit": "x", "pass": ratio is not None and ratio >= 0.9})
-        errs = sum(c["server"]["errors"] for k, c in t.items()
-                   if (k.startswith("c") and k[1:].isdigit()) or k == "burst100")
+        errs = server_errors(t)
         if errs:
             rows.append({"transport": name, "target": "no failed asks under load",
                          "value": errs, "unit": "errors", "pass": False})
@@ -767,8 +776,7 @@ def markdown(result: dict[str, Any]) -> str:
     L.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, t in result["transports"].items():
         sat = t["saturation"]
-        errs = sum(c["server"]["errors"] for k, c in t.items()
-                   if (k.startswith("c") and k[1:].isdigit()) or k == "burst100")
+        errs = server_errors(t)
         L.append(
             f"| {name} | {fmt(t['c1']['added_ms']['p50'])} | {fmt(t['c1']['added_ms']['p99'])} | "
             f"{fmt(t['c100']['added_ms']['p50'])} | {fmt(t['c100']['added_ms']['p99'])} | "

@@ -10,8 +10,7 @@ import json
 import re
 import uuid
 from itertools import repeat
-from json.encoder import encode_basestring_ascii
-from operator import add, itemgetter
+from operator import itemgetter
 from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence, overload
 
 from attrs import asdict, field, frozen
@@ -231,19 +230,6 @@ def message_json(role: str, content: str) -> str:
     return _JSON_HEADS[role] + json_string(content) + "}"
 
 
-def _json_strings(texts: Sequence[str]) -> Iterator[str]:
-    """
-    Each of C{texts} as L{json_string} writes it.  When all are ASCII (and
-    hold no DEL, which only the ASCII escaper escapes), the ASCII escaper
-    writes the same at half the cost: the C{isascii} test of the joined
-    texts is a flag read after the join.
-    """
-    joined = "".join(texts)
-    if joined.isascii() and "\x7f" not in joined:
-        return map(encode_basestring_ascii, texts)
-    return map(json_string, texts)
-
-
 class ChatMessage(tuple):  # type: ignore[type-arg]
     """
     One message of a Chat Completions request: C{role} and C{content}; as
@@ -289,12 +275,6 @@ class ChatMessage(tuple):  # type: ignore[type-arg]
         return {"role": self[0], "content": self[1]}
 
 
-def _jsons(roles: Sequence[str], contents: Sequence[str]) -> list[str]:
-    """Each message's L{ChatMessage.json}, made by C loops (C{map})."""
-    return list(map(add, map(add, map(_JSON_HEADS.__getitem__, roles),
-                             _json_strings(contents)), repeat("}")))
-
-
 class History(Sequence[ChatMessage]):
     """
     Messages kept as columns: their JSON and stored token counts, the
@@ -322,7 +302,9 @@ class History(Sequence[ChatMessage]):
         self._roles: list[str] | None = roles
         self._contents: list[str] | None = contents
         self.tokens = tokens
-        self.jsons = _jsons(roles, contents) if jsons is None else jsons
+        if jsons is None:
+            jsons = [message_json(r, c) for r, c in zip(roles, contents)]
+        self.jsons = jsons
         self.total = sum(tokens) if total is None else total
 
     @classmethod

@@ -472,8 +472,9 @@ class ConversationService:
             system_tokens = counter.count_message("system", system) if system else 0
             prompt_tokens = counter.count_message("user", request.prompt)
             start = fit(system_tokens, branch.messages, prompt_tokens, budget, branch.tokens)
-            messages = (branch.messages[start:] if start else branch.messages) + (
-                ChatMessage("user", request.prompt),)
+            # made once: sent now, and kept with the branch after the commit
+            prompt = ChatMessage("user", request.prompt, prompt_tokens)
+            messages = (branch.messages[start:] if start else branch.messages) + (prompt,)
             if system:
                 messages = History.of((ChatMessage("system", system),)) + messages
             completion = await upstream.stream_chat(
@@ -499,7 +500,7 @@ class ConversationService:
             self._branches.put(cid, Known(
                 leaf=answer_id,
                 branch=branch.extended(
-                    prompt_id, ChatMessage("user", turn.prompt, turn.prompt_tokens),
+                    prompt_id, prompt,
                     answer_id, ChatMessage("assistant", turn.answer, turn.answer_tokens),
                 ),
                 owner=request.owner,

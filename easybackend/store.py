@@ -927,7 +927,7 @@ def _turn_context(
     if parent_id is not None and not path:
         raise NotFound(f"message {parent_id!r} not found in conversation {cid!r}")
     if conversation is None:
-        return TurnContext(None, None, History([], [], []))
+        return TurnContext(None, None, History.stored([], []))
     return TurnContext(
         conversation, leaf,
         History.stored(_pick(history.jsons, path), _pick(history.tokens, path)),
@@ -1271,9 +1271,10 @@ class Store:
         conversation.
 
         The pool thread only runs the queries (on SQLite, one row of joined
-        columns); the branch is found and its messages' JSON made back on
-        the calling thread, so that a long history does not keep the
-        reactor thread waiting for the GIL while a pool thread runs Python.
+        columns); the branch is found back on the calling thread, so that a
+        long history does not keep the reactor thread waiting for the GIL
+        while a pool thread runs Python.  The history sends its messages'
+        JSON as stored.
         """
         return self._read(self._turn_rows, cid, parent_id, known_leaf).addCallback(
             _turn_context, cid, parent_id)
