@@ -26,6 +26,7 @@ from twisted.internet.endpoints import (
     serverFromString,
     wrapClientTLS,
 )
+from twisted.internet.error import ConnectionDone
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.server import Site
@@ -34,6 +35,7 @@ from easybackend.auth import KeyRing
 from easybackend.errors import NotFound, RateLimited, UpstreamTimeout
 from easybackend.model import Answer, AskRequest, Usage
 from easybackend.transports.websocket import (
+    CLOSE_HANDSHAKE_TIMEOUT,
     CLOSE_UNAUTHENTICATED,
     KEY_REQUIRED,
     TEXT_END,
@@ -779,6 +781,30 @@ class DisconnectTests(WebSocketTestMixin, TestCase):
         yield timeout(self.server_factory.close_all())
 
     @inlineCallbacks
+    def test_close_all_with_a_peer_that_reads_nothing(self):
+        """
+        When a client has stopped reading and the server's writes to it are
+        stuck, then C{close_all} still ends its connection (with a reset,
+        after the close handshake timeout and as long again), so that a
+        shutdown does not wait on it forever.
+        """
+        client = yield self.server_and_client()
+        client.send_json(ask("a"))
+        fake = yield self.service.next_ask()
+        client.transport.pauseProducing()
+        server = next(iter(self.server_factory.connections))
+        piece = "x" * 65536
+        for _ in range(1024):  # at most 64 MiB, far beyond loopback's buffers
+            fake.on_piece(piece)
+            if server.transport.dataBuffer or server.transport._tempDataBuffer:
+                break
+        closing = self.server_factory.close_all()
+        yield closing.addTimeout(3 * CLOSE_HANDSHAKE_TIMEOUT, reactor)
+        self.assertEqual(self.server_factory.connections, set())
+        client.transport.resumeProducing()  # to see the reset
+        yield timeout(client.closed)
+
+    @inlineCallbacks
     def test_resource_factory_service(self):
         """
         A factory only mounted on the HTTP site, run by its service, is
@@ -1258,6 +1284,18 @@ class EagerClient(Client):
         super().onOpen()
 
 
+class SilentClient(EagerClient):
+    """Asks at once, never answers a close frame; keeps how TCP ended."""
+
+    def sendCloseFrame(self, code=None, reasonUtf8=None, isReply=False):
+        if not isReply:
+            super().sendCloseFrame(code, reasonUtf8, isReply)
+
+    def connectionLost(self, reason):
+        self.lost_reason = reason
+        super().connectionLost(reason)
+
+
 @inlineCallbacks
 def collect(testcase: TestCase, client: Client, ask_id: Any):
     """The deltas' text and the final message of C{ask_id}."""
@@ -1299,6 +1337,20 @@ class KeyTests(WebSocketTestMixin, TestCase):
         once) never reach the core.
         """
         return self.check_refused(KEY_REQUIRED)
+
+    @inlineCallbacks
+    def test_refused_peer_that_does_not_answer(self):
+        """
+        When a refused client does not answer the close frame in time, then
+        its connection still ends in order, the close frame then a FIN, not
+        a reset: a browser that writes before it reads (its first ask) would
+        lose the 4401 and its reason to a reset and report 1006.
+        """
+        client = yield self.keyed(client_class=SilentClient)
+        was_clean, code, reason = yield timeout(client.closed)
+        self.assertEqual((code, reason), (CLOSE_UNAUTHENTICATED, KEY_REQUIRED))
+        self.assertTrue(client.lost_reason.check(ConnectionDone), client.lost_reason)
+        self.assertEqual(self.service.all, [])
 
     def test_wrong_header_key_refused(self):
         """When the header's key is wrong, then the connection closes with 4401."""

@@ -66,6 +66,7 @@ from twisted.internet.defer import (
     maybeDeferred,
     succeed,
 )
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -113,6 +114,9 @@ CLOSE_GOING_AWAY = WebSocketProtocol.CLOSE_STATUS_CODE_GOING_AWAY
 #: The close code for a missing or wrong API key (HTTP's 401, in the
 #: application range 4000-4999).
 CLOSE_UNAUTHENTICATED = 4401
+#: Seconds a peer has to answer our close frame (Autobahn's whole-second
+#: timers make it 1 to 2); a peer stuck with unread data is reset as long after.
+CLOSE_HANDSHAKE_TIMEOUT = 2
 #: The reason sent with L{CLOSE_UNAUTHENTICATED} when no key was shown.
 KEY_REQUIRED = (
     "an API key is required: send Authorization: Bearer <key> or ?api_key=<key>"
@@ -171,6 +175,8 @@ class ChatServerProtocol(WebSocketServerProtocol):
         self._text_count = 0
         #: Deferreds of L{when_closed}; None once closed
         self._close_waiters: list[Deferred[None]] | None = []
+        #: the reset of a connection whose orderly end is stuck, if pending
+        self._abort_call: IDelayedCall | None = None
 
     # --- Autobahn's callbacks: nothing raises out of them -----------------
 
@@ -256,9 +262,41 @@ class ChatServerProtocol(WebSocketServerProtocol):
         except Exception:
             log.failure("unexpected failure closing a WebSocket connection")
         finally:
+            if self._abort_call is not None:
+                self._abort_call.cancel()
+                self._abort_call = None
             waiters, self._close_waiters = self._close_waiters, None
             for d in waiters or ():
                 d.callback(None)
+
+    def onCloseHandshakeTimeout(self) -> None:
+        """
+        The peer did not answer our close frame in time: end the connection
+        in order (the close frame, then a FIN), not with Autobahn's reset.
+
+        A reset can reach a browser before it reads our close frame (for
+        instance while it writes an ask), and the browser then reports 1006
+        instead of our code and reason (4401 and why).  A peer that reads
+        nothing, whose unread data keeps the FIN waiting, is aborted after
+        one more close handshake timeout.
+        """
+        try:
+            self.closeHandshakeTimeoutCall = None
+            if self.state == WebSocketProtocol.STATE_CLOSED:
+                return
+            self.wasClean = False
+            self.wasNotCleanReason = "the peer did not answer the close in time"
+            self.wasCloseHandshakeTimeout = True
+            self.dropConnection(abort=False)
+            self._abort_call = self.factory.reactor.callLater(
+                self.closeHandshakeTimeout, self._abort)
+        except Exception:
+            log.failure("unexpected failure closing a WebSocket connection")
+
+    def _abort(self) -> None:
+        """Reset a connection whose orderly end is stuck behind unread data."""
+        self._abort_call = None
+        self.transport.abortConnection()
 
     def when_closed(self) -> "Deferred[None]":
         """Fires once this connection is closed (at once if it is)."""
@@ -565,8 +603,9 @@ class ChatServerFactory(WebSocketServerFactory):
         Cancel the asks still in flight (JSON clients hear C{cancelled},
         text clients C{<|err|>$cancelled}) and close every open connection
         with C{code} (default 1001, going away).  Fires once every
-        connection is gone (Autobahn drops a peer that does not answer the
-        close within its close handshake timeout, 1 s).
+        connection is gone (a peer that does not answer the close within
+        1 to 2 s is closed without its answer, and reset 2 s later if it
+        reads nothing).
 
         For a graceful shutdown: stop listening, let the core drain its asks
         in flight, then call this.  Stopping the factory does not close
@@ -638,6 +677,9 @@ def make_websocket_factory(
         maxFramePayloadSize=max_message_size,
         autoPingInterval=auto_ping_interval,
         autoPingTimeout=auto_ping_timeout,
+        # Autobahn's timers fire at whole seconds, so its default of 1 can
+        # mean a few ms: then a live peer was closed without its answer.
+        closeHandshakeTimeout=CLOSE_HANDSHAKE_TIMEOUT,
         # Send the close frame (1009 for an oversize message, 1002 for a
         # protocol error) instead of dropping the TCP connection unexplained.
         failByDrop=False,
