@@ -27,6 +27,8 @@ from twisted.internet.endpoints import (
     wrapClientTLS,
 )
 from twisted.internet.error import ConnectionDone
+from twisted.internet.task import deferLater
+from twisted.python.failure import Failure
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.server import Site
@@ -130,6 +132,11 @@ class Client(WebSocketClientProtocol):
             self.messages.put(json.loads(text))
         except ValueError:
             self.messages.put(text)
+
+    def connectionLost(self, reason: Failure) -> None:
+        #: how the TCP connection ended (ConnectionDone: a FIN)
+        self.lost_reason = reason
+        super().connectionLost(reason)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if not self.factory.opened.called:
@@ -796,13 +803,19 @@ class DisconnectTests(WebSocketTestMixin, TestCase):
         piece = "x" * 65536
         for _ in range(1024):  # at most 64 MiB, far beyond loopback's buffers
             fake.on_piece(piece)
-            if server.transport.dataBuffer or server.transport._tempDataBuffer:
-                break
+            # a turn of the reactor, in which the transport tries to send
+            yield deferLater(reactor, 0.001, lambda: None)
+            if len(server.transport.dataBuffer) > server.transport.offset:
+                break  # the socket took not all: the writes are stuck
+        else:
+            self.fail("the client's socket never filled up")
         closing = self.server_factory.close_all()
         yield closing.addTimeout(3 * CLOSE_HANDSHAKE_TIMEOUT, reactor)
         self.assertEqual(self.server_factory.connections, set())
+        self.assertTrue(server.wasCloseHandshakeTimeout)
         client.transport.resumeProducing()  # to see the reset
         yield timeout(client.closed)
+        self.assertFalse(client.lost_reason.check(ConnectionDone), client.lost_reason)
 
     @inlineCallbacks
     def test_resource_factory_service(self):
@@ -1285,15 +1298,11 @@ class EagerClient(Client):
 
 
 class SilentClient(EagerClient):
-    """Asks at once, never answers a close frame; keeps how TCP ended."""
+    """Asks at once, never answers a close frame."""
 
     def sendCloseFrame(self, code=None, reasonUtf8=None, isReply=False):
         if not isReply:
             super().sendCloseFrame(code, reasonUtf8, isReply)
-
-    def connectionLost(self, reason):
-        self.lost_reason = reason
-        super().connectionLost(reason)
 
 
 @inlineCallbacks
