@@ -312,10 +312,8 @@ class SQLiteDialect:
             return _NO_MESSAGES
         ids, parents, jsons, tokens = [c.split(_SEPARATOR) for c in joined]
         if all(len(c) == n for c in (ids, parents, jsons, tokens)):
-            columns = MessageColumns(ids, parents, jsons, list(map(int, tokens)))
-        else:
-            columns = _history_rows(cursor, _HISTORY_ROWS, cid)
-        return _with_json(cursor, _MESSAGE_TEXTS, cid, columns)
+            return MessageColumns(ids, parents, jsons, list(map(int, tokens)))
+        return _history_rows(cursor, _HISTORY_ROWS, cid)
 
     def display(self, path: str) -> str:
         """How the database is named in messages."""
@@ -433,9 +431,7 @@ class PostgresDialect:
         The columns of conversation C{cid}'s messages, from its rows
         (psycopg fetches them in one call).
         """
-        return _with_json(
-            cursor, self.sql(_MESSAGE_TEXTS), cid,
-            _history_rows(cursor, self.sql(_HISTORY_ROWS), cid))
+        return _history_rows(cursor, self.sql(_HISTORY_ROWS), cid)
 
     def turn_locks(self, url: str, size: int, reactor: Any) -> "_AdvisoryLocks":
         """Conversation locks on up to C{size} connections of their own."""
@@ -842,23 +838,8 @@ def _history_rows(cursor: Any, sql: str, cid: str) -> MessageColumns:
     return MessageColumns(*map(list, zip(*rows)))
 
 
-#: Each message's role and content, for a JSON its row lacks (L{_with_json}).
+#: Each message's role and content, for a JSON its row lacks (L{Store._with_json}).
 _MESSAGE_TEXTS = "SELECT id, role, content FROM messages WHERE conversation_id = ?"
-
-
-def _with_json(cursor: Any, sql: str, cid: str, columns: MessageColumns) -> MessageColumns:
-    """
-    C{columns}, where a message was stored without its JSON (a row another
-    program wrote, leaving the column's empty default), with that JSON
-    made from the message's role and content (C{sql}: L{_MESSAGE_TEXTS}),
-    so that its history still goes upstream whole.
-    """
-    if "" not in columns.jsons:
-        return columns
-    cursor.execute(sql, (cid,))
-    made = {row[0]: message_json(row[1], row[2]) for row in cursor.fetchall()}
-    return evolve(columns, jsons=[
-        stored or made[at] for at, stored in zip(columns.ids, columns.jsons)])
 
 
 def _branch(
@@ -1294,7 +1275,21 @@ class Store:
             return conversation, None, _NO_MESSAGES
         if leaf == known_leaf == conversation.leaf_id:
             return conversation, leaf, None
-        return conversation, leaf, self._dialect.history(txn, cid)
+        return conversation, leaf, self._with_json(txn, cid, self._dialect.history(txn, cid))
+
+    def _with_json(self, txn: Any, cid: str, columns: MessageColumns) -> MessageColumns:
+        """
+        C{columns}, where a message was stored without its JSON (a row another
+        program wrote, leaving the column's empty default), with that JSON
+        made from the message's role and content, so that its history still
+        goes upstream whole.
+        """
+        if "" not in columns.jsons:
+            return columns
+        self._execute(txn, _MESSAGE_TEXTS, (cid,))
+        made = {row[0]: message_json(row[1], row[2]) for row in txn.fetchall()}
+        return evolve(columns, jsons=[
+            stored or made[at] for at, stored in zip(columns.ids, columns.jsons)])
 
     def list_conversations(
         self, limit: int, offset: int = 0, owner: str | None = None
