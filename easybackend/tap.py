@@ -20,6 +20,7 @@ from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.web.http_headers import Headers
 from twisted.web.server import Request, Site
 
 from easybackend.config import SETTINGS, ConfigError, Settings, settings_from
@@ -181,6 +182,23 @@ class JSONRequest(Request):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._parsePOSTFormSubmission = False
+
+    def _cleanup(self) -> None:
+        """
+        Once the response is done and whoever waited for it has run, let go
+        of the headers, the arguments and Klein's adapter (with its URL
+        map binding).  Klein's C{render} keeps each request in a reference
+        cycle (an error handler that refers to itself), so without this,
+        they would wait for the cycle collector's next full collection, and
+        make it longer: a pause every answer in flight waits through.
+        """
+        super()._cleanup()
+        self._adapterCache = {}
+        self.requestHeaders = Headers()
+        self.responseHeaders = Headers()
+        self.args = {}
+        self.received_cookies = {}
+        self.cookies = []
 
 
 class QuietSite(Site):

@@ -10,6 +10,7 @@ scenario, and cancellation closing the upstream connection.
 
 from __future__ import annotations
 
+import gc
 import os
 
 import socket
@@ -20,9 +21,10 @@ from treq.testing import StubTreq
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.error import ConnectionRefusedError, DNSLookupError
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web._newclient import HTTPClientParser
 from twisted.web.client import URI
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
@@ -988,6 +990,28 @@ class LoopbackTests(TestCase):
         await _wait(upstream.stream_chat(REQUEST, lambda piece: None))
         await _wait(upstream.stream_chat(REQUEST, lambda piece: None))
         self.assertEqual([r.connection for r in self.fake.requests], [1, 1])
+
+    async def test_finished_answer_left_to_refcounts(self) -> None:
+        """
+        When an answer has streamed, then nothing of its HTTP response waits
+        for the cycle collector: once the reactor's turn ends, its parser
+        (and the request, response and headers it holds) is freed.  A full
+        collection walks whatever garbage is left, while every answer in
+        flight waits.
+        """
+        upstream = await self.upstream()
+        await _wait(upstream.stream_chat(REQUEST, lambda piece: None))
+        gc.collect()
+        gc.disable()
+        self.addCleanup(gc.enable)
+        await _wait(upstream.stream_chat(REQUEST, lambda piece: None))
+        await deferLater(reactor, 0, lambda: None)  # the turn that fired it ends
+        url = self.fake.base_url.encode("ascii")
+        self.assertEqual([o for o in gc.get_objects() if isinstance(o, HTTPClientParser)
+                          and o.request.absoluteURI.startswith(url)], [])
+        # Still one connection, kept for the next answer.
+        await _wait(upstream.stream_chat(REQUEST, lambda piece: None))
+        self.assertEqual([r.connection for r in self.fake.requests], [1, 1, 1])
 
     async def test_upstream_cookies_not_sent_back(self) -> None:
         """

@@ -5,6 +5,7 @@ through real loopback sockets.
 
 from __future__ import annotations
 
+import gc
 import json
 from typing import Any
 
@@ -12,6 +13,7 @@ import treq
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.protocol import Protocol
 from twisted.trial.unittest import TestCase
+from werkzeug.routing import MapAdapter
 
 from easybackend.errors import (
     UpstreamError,
@@ -21,6 +23,7 @@ from easybackend.errors import (
 )
 from easybackend.offline import OfflineUpstream
 from easybackend.service import CoreSettings
+from easybackend.tap import JSONRequest
 from easybackend.testing.fixtures import make_core, serve_http, within
 from tests.test_service import ScriptedUpstream, _reactor
 
@@ -43,6 +46,28 @@ class AskRouteTests(TestCase):
     async def setUp(self) -> None:
         self.core = await make_core(self, OfflineUpstream(_reactor(), interval=0))
         self.url = await serve_http(self, self.core)
+
+    async def test_answered_request_lets_go(self) -> None:
+        """
+        When an ask has been answered, as JSON or as events, then its
+        request no longer holds its headers or Klein's URL binding: Klein
+        keeps each request in a reference cycle, and what it holds would
+        wait for the cycle collector's next full collection (a pause that
+        every answer in flight waits through, longer for each of them).
+        """
+        await call("POST", self.url + "/ask/new", {"prompt": "Hello"})
+        gc.collect()
+        gc.disable()
+        self.addCleanup(gc.enable)
+        for body in ({"prompt": "Hello"}, {"prompt": "Hello", "stream": True}):
+            code, _, _ = await call("POST", self.url + "/ask/new", body)
+            self.assertEqual(code, 200)
+        self.assertEqual([o for o in gc.get_objects() if isinstance(o, MapAdapter)], [])
+        requests = [o for o in gc.get_objects() if isinstance(o, JSONRequest)]
+        self.assertEqual(len(requests), 2)  # Klein's cycles: freed only by a collection
+        for request in requests:
+            self.assertEqual(list(request.requestHeaders.getAllRawHeaders()), [])
+            self.assertEqual(request.code, 200)
 
     async def test_ask_new_then_memory(self) -> None:
         """

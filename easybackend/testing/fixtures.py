@@ -11,7 +11,6 @@ from typing import Any
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.trial.unittest import TestCase
-from twisted.web.server import Site
 
 from easybackend.service import ConversationService, CoreSettings
 from easybackend.store import Store
@@ -73,12 +72,13 @@ async def listen_tcp(testcase: TestCase, factory: Any) -> int:
 
 async def serve_http(testcase: TestCase, core: ConversationService, **web: Any) -> str:
     """Serve the HTTP transport for C{core}; return its base URL."""
+    from easybackend.tap import QuietSite
     from easybackend.transports.web import WebApp, WebSettings
 
     websocket = web.pop("websocket", None)
     clock = web.pop("clock", None)
     app = WebApp(core, WebSettings(**web), websocket=websocket, clock=clock)
-    site = Site(app.resource())
+    site = QuietSite(app.resource())  # the server's own
     site.noisy = False
     port = await listen_tcp(testcase, site)
     return f"http://127.0.0.1:{port}"
