@@ -40,9 +40,9 @@ from twisted.web.client import (
     RequestTransmissionFailed,
     ResponseDone,
     ResponseFailed,
+    _HTTP11ClientFactory,
 )
 from twisted.web._newclient import HTTP11ClientProtocol
-from twisted.web.client import _HTTP11ClientFactory
 from twisted.web.http import RESPONSES, PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.error import SchemeNotSupported
@@ -194,10 +194,10 @@ class _Connection(HTTP11ClientProtocol):
 
     Twisted's response parser and its body decoder refer to each other (the
     decoder calls the parser back when the body ends).  Left as it is, that
-    cycle keeps the request, the response, their headers and our reader,
-    about 40 objects an answer, until the cycle collector's next full
-    collection: a pause that every answer in flight waits through, and
-    that this garbage made two to three times longer under load.
+    cycle keeps the request, the response and their headers, about 40
+    objects an answer, until the cycle collector's next full collection: a
+    pause that every answer in flight waits through, and that this garbage
+    made two to three times longer under load.
     """
 
     def _disconnectParser(self, reason: Failure) -> None:
