@@ -102,30 +102,7 @@ class OfflineUpstream:
                 total_tokens=prompt_tokens + completion_tokens,
             ),
         )
-        pending: list[IDelayedCall] = []
-
-        def cancel(d: Deferred[Completion]) -> None:
-            if pending and pending[0].active():
-                pending[0].cancel()
-
-        d: Deferred[Completion] = Deferred(cancel)
-
-        def send(index: int) -> None:
-            if index < len(pieces):
-                try:
-                    on_piece(pieces[index])
-                except Exception:
-                    d.errback()
-                    return
-                if d.called:  # on_piece cancelled us
-                    return
-            if index + 1 < len(pieces):
-                pending[0] = self.clock.callLater(self.interval, send, index + 1)
-            else:
-                d.callback(completion)
-
-        pending.append(self.clock.callLater(self.interval, send, 0))
-        return d
+        return _Recital(self.clock, self.interval, pieces, on_piece, completion).done
 
     def _cut(self, text: str, max_tokens: int) -> str:
         """The longest run of C{text}'s first words within C{max_tokens}."""
@@ -138,3 +115,42 @@ class OfflineUpstream:
             else:
                 high = middle - 1
         return "".join(words[:low])
+
+
+class _Recital:
+    """
+    One offline answer, a piece every C{interval} seconds.  It holds the
+    next call only until it runs, so that a finished answer leaves no
+    reference cycle behind (the call refers back to it).
+    """
+
+    def __init__(self, clock: IReactorTime, interval: float, pieces: list[str],
+                 on_piece: Callable[[str], None], completion: Completion) -> None:
+        self._clock = clock
+        self._interval = interval
+        self._pieces = pieces
+        self._on_piece = on_piece
+        self._completion = completion
+        # Cancelling stops the pieces at once.
+        self.done: Deferred[Completion] = Deferred(self._cancel)
+        self._call: IDelayedCall | None = clock.callLater(interval, self._send, 0)
+
+    def _cancel(self, d: Deferred[Completion]) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+
+    def _send(self, index: int) -> None:
+        self._call = None
+        pieces = self._pieces
+        if index < len(pieces):
+            try:
+                self._on_piece(pieces[index])
+            except Exception:
+                self.done.errback()
+                return
+            if self.done.called:  # on_piece cancelled us
+                return
+        if index + 1 < len(pieces):
+            self._call = self._clock.callLater(self._interval, self._send, index + 1)
+        else:
+            self.done.callback(self._completion)

@@ -37,7 +37,6 @@ from twisted.internet.defer import Deferred, DeferredSemaphore, fail, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 
 from easybackend.errors import (
     BadRequest,
@@ -55,6 +54,7 @@ from easybackend.model import (
     Usage,
     message_json,
 )
+from easybackend.threads import ThreadPool
 
 __all__ = [
     "Dialect",
@@ -946,6 +946,24 @@ def _message(row: Sequence[Any]) -> Message:
     )
 
 
+class _ConnectionPool(adbapi.ConnectionPool):
+    """adbapi's pool, running its queries in L{easybackend.threads.ThreadPool}."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # adbapi makes its thread pool in __init__ and starts it there when
+        # the reactor runs (through start, below), else when it starts.
+        super().__init__(*args, **kwargs)
+        self._own_threads()
+
+    def start(self) -> None:
+        self._own_threads()
+        super().start()
+
+    def _own_threads(self) -> None:
+        if not self.running and not isinstance(self.threadpool, ThreadPool):
+            self.threadpool = ThreadPool(self.min, self.max, name="easybackend-db")
+
+
 @define
 class Store:
     """
@@ -1011,7 +1029,7 @@ class Store:
             from twisted.internet import reactor
         kwargs["cp_reactor"] = reactor
         try:
-            pool = adbapi.ConnectionPool(dialect.module, *args, **kwargs)
+            pool = _ConnectionPool(dialect.module, *args, **kwargs)
         except ImportError as e:
             raise StoreError(
                 f"cannot open the database {name}: the {dialect.module}"
@@ -1124,17 +1142,16 @@ class Store:
         pool's size more times: each pooled connection may be dead, so try
         until a fresh one answers.
         """
-        tries = self._pool.max + 1
+        return attempt().addErrback(self._again, attempt, dead, self._pool.max)
 
-        def again(failure: Failure) -> "Deferred[Any]":
-            nonlocal tries
-            failure.trap(dead)
-            tries -= 1
-            if tries <= 0:
-                return failure
-            return attempt().addErrback(again)
-
-        return attempt().addErrback(again)
+    def _again(self, failure: Failure, attempt: Callable[[], "Deferred[Any]"],
+               dead: type[Exception], tries: int) -> Any:
+        # A method, not a closure that refers to itself: a read leaves no
+        # reference cycle behind.
+        failure.trap(dead)
+        if tries <= 0:
+            return failure
+        return attempt().addErrback(self._again, attempt, dead, tries - 1)
 
     def _lost(self, failure: Failure) -> Failure:
         """Turn the driver's errors for a lost database into L{StoreUnavailable}."""

@@ -17,12 +17,11 @@ from autobahn.twisted.websocket import WebSocketClientFactory
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults, succeed
 from twisted.internet.endpoints import clientFromString
-from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from easybackend.store import DEFAULT_POOL_SIZE, POSTGRES
 from easybackend.testing.fake_upstream import FakeUpstream, Stream
-from easybackend.testing.fixtures import within
+from easybackend.testing.fixtures import eventually, within
 from easybackend.testing.postgres import fresh_database, query, terminate_backends
 from easybackend.testing.process import ServerProcess, kill, spawn
 from tests.test_websocket import Client
@@ -328,7 +327,7 @@ class CrashTests(ReplicaCase):
         # B's asks on the same conversations wait for A's locks
         socket_b = await self.websocket(b)
         waiting = [socket_b.ask(cid, f"{cid} on B, waited")[1] for cid in cids]
-        await self.eventually(lambda: self.waiting_locks(len(cids)), "B waits for A's locks")
+        await eventually(lambda: self.waiting_locks(len(cids)), "B waits for A's locks")
         for d in waiting:
             self.assertFalse(d.called)
 
@@ -370,13 +369,6 @@ class CrashTests(ReplicaCase):
             " AND NOT granted AND database ="
             " (SELECT oid FROM pg_database WHERE datname = current_database())")
         return waiting == n
-
-    async def eventually(self, check: Any, what: str, seconds: float = 10.0) -> None:
-        deadline = reactor.seconds() + seconds
-        while not await check():
-            if reactor.seconds() > deadline:
-                raise AssertionError(f"not within {seconds}s: {what}")
-            await deferLater(reactor, 0.05)
 
 
 class DatabaseLostTests(ReplicaCase):

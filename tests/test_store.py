@@ -10,15 +10,16 @@ start it.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sqlite3
 import sys
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypeVar
+from types import FunctionType
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, gatherResults
-from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -38,6 +39,7 @@ from easybackend.store import (
     title_for,
 )
 
+from easybackend.testing.fixtures import eventually  # noqa: E402
 from easybackend.testing.postgres import fresh_database, with_database  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(easybackend.__file__)))
@@ -65,20 +67,6 @@ def turn(
     )
     values.update(kw)
     return Turn(**values)
-
-
-async def eventually(
-    check: Callable[[], Awaitable[bool]], what: str, within: float = 10.0
-) -> None:
-    """
-    Wait, by reactor time, until C{check} fires True: for observing another
-    connection's wait on a lock.  Fails the test after C{within} seconds.
-    """
-    deadline = reactor.seconds() + within
-    while not await check():
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"not within {within}s: {what}")
-        await deferLater(reactor, 0.01)
 
 
 # --- the two databases ---------------------------------------------------------
@@ -494,6 +482,33 @@ class ReadTests(_Shared):
             ["prompt 0", "answer 0", "instead", "hi there"],
         )
         self.assertEqual(len(await store.branch("c1", answers[-1])), 6)
+
+    async def test_no_cycles_left(self) -> None:
+        """
+        When turns are committed and read, then none of it is left for the
+        garbage collector: no reference cycle from the store or its thread
+        pool (the server collects its older generations rarely, so each
+        such cycle would lengthen a pause that every answer in flight
+        waits through).
+        """
+        store = await self.open()
+        await self.chain(store, 1)
+        gc.collect()
+        gc.disable()
+        self.addCleanup(gc.enable)
+        await self.chain(store, 2, "c2")
+        await store.turn_context("c2", None)
+        await store.get_conversation("c2")
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            gc.collect()
+            ours = [getattr(o, "__qualname__", "") for o in gc.garbage
+                    if isinstance(o, FunctionType)
+                    and o.__module__.startswith(("easybackend", "twisted.python.threadpool"))]
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+        self.assertEqual(ours, [])
 
     async def test_turn_context(self) -> None:
         """

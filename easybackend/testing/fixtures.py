@@ -6,9 +6,10 @@ file in the test's temporary folder, and real loopback listeners.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import deferLater
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.trial.unittest import TestCase
 
@@ -89,3 +90,23 @@ def within(d: Deferred[Any], seconds: float = 10.0) -> Deferred[Any]:
     from twisted.internet import reactor
 
     return d.addTimeout(seconds, reactor)
+
+
+async def eventually(check: Callable[[], Any], what: str, within: float = 10.0) -> None:
+    """
+    Wait, by reactor time, until C{check} returns (or fires) something
+    true: for what another thread, connection or process does in its own
+    time.  Fails the test after C{within} seconds.
+    """
+    from twisted.internet import reactor
+
+    deadline = reactor.seconds() + within
+    while True:
+        result = check()
+        if isinstance(result, Deferred) or hasattr(result, "__await__"):
+            result = await result
+        if result:
+            return
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"not within {within}s: {what}")
+        await deferLater(reactor, 0.01)

@@ -15,6 +15,7 @@ from typing import Any
 
 from attrs import frozen
 from klein import Klein
+from klein.resource import KleinResource
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import IReactorTime
@@ -82,6 +83,57 @@ def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, **extra}}
 
 
+class _Resource(KleinResource):
+    """
+    Klein's resource, except that a request it has answered is freed as
+    soon as it is done, not at the garbage collector's next collection.
+
+    Klein's C{render} gives every request an error callback that refers to
+    itself (C{processing_failed}, through its own closure), and with it the
+    request.  The server collects its older generations rarely
+    (L{easybackend.tap.settle_collector}), so these cycles would pile up
+    and make each collection longer: a pause every answer in flight waits
+    through.  Once the request's chain has run, the callback's reference to
+    itself is dropped.  Should Klein change so that the callback cannot be
+    found, nothing is dropped and the collector frees the request as before.
+    """
+
+    def render(self, request: IRequest) -> Any:
+        result = super().render(request)
+        chain = _klein_chain(request)
+        if chain is not None:
+            for _, (errback, _, _) in chain.callbacks:
+                code = getattr(errback, "__code__", None)
+                if code is not None and code.co_name == "processing_failed":
+                    cell = errback.__closure__[code.co_freevars.index("processing_failed")]
+                    chain.addBoth(_empty_cell, cell)
+                    break
+        return result
+
+
+def _klein_chain(request: IRequest) -> Any:
+    """
+    The Deferred of Klein's C{render} for C{request} while it is pending:
+    Klein cancels it when the request ends early, through an errback on
+    C{notifyFinish} that holds it as C{d}.
+    """
+    for finished in getattr(request, "notifications", ()):
+        for _, (errback, _, _) in finished.callbacks:
+            code = getattr(errback, "__code__", None)
+            if code is not None and code.co_freevars == ("d",) \
+                    and code.co_filename == _KLEIN_RESOURCE_FILE:
+                return errback.__closure__[0].cell_contents
+    return None
+
+
+def _empty_cell(result: object, cell: Any) -> object:
+    del cell.cell_contents
+    return result
+
+
+_KLEIN_RESOURCE_FILE = KleinResource.render.__code__.co_filename
+
+
 class WebApp:
     """
     The Klein application.  C{websocket} is an optional resource mounted at
@@ -105,7 +157,7 @@ class WebApp:
         self.websocket = websocket
 
     def resource(self) -> IResource:
-        return self.app.resource()
+        return _Resource(self.app)
 
     # -- plumbing ----------------------------------------------------------
 
