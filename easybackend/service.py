@@ -319,6 +319,14 @@ class ConversationService:
 
     def _ask_ended(self, result: Any, d: "Deferred[Answer]") -> Any:
         self._in_flight.discard(d)
+        if not self._in_flight and self._idle:
+            # Tell a drain only once the ask's caller has had its outcome
+            # (its callbacks come after this one): at shutdown, a transport
+            # then tells its client before the connections are closed.
+            d.addBoth(self._now_idle)
+        return result
+
+    def _now_idle(self, result: Any) -> Any:
         if not self._in_flight:
             idle, self._idle = self._idle, []
             for waiter in idle:

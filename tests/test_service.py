@@ -496,6 +496,27 @@ class DrainTests(TestCase):
         with self.assertRaises(NotFound):
             await core.get_conversation("s")
 
+    async def test_drain_ends_after_callers_heard(self) -> None:
+        """
+        When the grace period ends, then the drain fires only after each
+        cancelled ask's caller has had its outcome: at shutdown a transport
+        tells its client the ask was cancelled before the connections are
+        closed, instead of writing to a connection already closing.
+        """
+        from twisted.internet.task import Clock
+
+        clock = Clock()
+        upstream = ScriptedUpstream()
+        core = await make_core(self, upstream, clock=clock)
+        call = upstream.next_call()
+        slow = core.ask(ask("slow", "s"), lambda p: None)
+        await call
+        order: list[str] = []
+        slow.addErrback(lambda f: order.append(f.type.__name__))
+        core.drain(1).addCallback(lambda n: order.append(f"drained {n}"))
+        clock.advance(1)
+        self.assertEqual(order, ["CancelledError", "drained 1"])
+
     async def test_drain_idle(self) -> None:
         """When nothing is in flight, then draining is immediate."""
         core = await make_core(self, ScriptedUpstream())
