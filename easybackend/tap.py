@@ -203,9 +203,10 @@ class JSONRequest(Request):
         Once the response is done and whoever waited for it has run, let go
         of the headers, the arguments and Klein's adapter (with its URL
         map binding).  Klein's C{render} keeps each request in a reference
-        cycle (an error handler that refers to itself), so without this,
-        they would wait for the cycle collector's next full collection, and
-        make it longer: a pause every answer in flight waits through.
+        cycle (an error handler that refers to itself); the web transport
+        breaks it for answers still pending when C{render} returns, but a
+        request answered within C{render} stays in it until the collector's
+        next collection of the older generations, which this keeps short.
         """
         super()._cleanup()
         self._adapterCache = {}

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 from functools import partial
-from typing import Any
+from types import CodeType
+from typing import Any, Callable
 
 from attrs import frozen
 from klein import Klein
@@ -100,30 +101,35 @@ class _Resource(KleinResource):
 
     def render(self, request: IRequest) -> Any:
         result = super().render(request)
-        chain = _klein_chain(request)
-        if chain is not None:
-            for _, (errback, _, _) in chain.callbacks:
-                code = getattr(errback, "__code__", None)
-                if code is not None and code.co_name == "processing_failed":
-                    cell = errback.__closure__[code.co_freevars.index("processing_failed")]
-                    chain.addBoth(_empty_cell, cell)
-                    break
+        # Klein cancels its chain when the request ends early, through an
+        # errback on notifyFinish that holds the chain as C{d}.
+        for finished in getattr(request, "notifications", ()):
+            canceller = _errback(finished, _is_klein_canceller)
+            if canceller is not None:
+                chain = canceller.__closure__[0].cell_contents
+                failed = _errback(chain, _is_processing_failed)
+                if failed is not None:
+                    names = failed.__code__.co_freevars
+                    chain.addBoth(_empty_cell, failed.__closure__[names.index("processing_failed")])
+                break
         return result
 
 
-def _klein_chain(request: IRequest) -> Any:
-    """
-    The Deferred of Klein's C{render} for C{request} while it is pending:
-    Klein cancels it when the request ends early, through an errback on
-    C{notifyFinish} that holds it as C{d}.
-    """
-    for finished in getattr(request, "notifications", ()):
-        for _, (errback, _, _) in finished.callbacks:
-            code = getattr(errback, "__code__", None)
-            if code is not None and code.co_freevars == ("d",) \
-                    and code.co_filename == _KLEIN_RESOURCE_FILE:
-                return errback.__closure__[0].cell_contents
+def _errback(d: Any, match: Callable[[CodeType], bool]) -> Any:
+    """The first function among C{d}'s pending errbacks whose code matches."""
+    for _, (errback, _, _) in d.callbacks:
+        code = getattr(errback, "__code__", None)
+        if code is not None and match(code):
+            return errback
     return None
+
+
+def _is_klein_canceller(code: CodeType) -> bool:
+    return code.co_freevars == ("d",) and code.co_filename == _KLEIN_RESOURCE_FILE
+
+
+def _is_processing_failed(code: CodeType) -> bool:
+    return code.co_name == "processing_failed"
 
 
 def _empty_cell(result: object, cell: Any) -> object:
