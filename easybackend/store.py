@@ -27,6 +27,7 @@ import hashlib
 import math
 import os
 import uuid
+from collections import deque
 from operator import itemgetter
 from typing import Any, Callable, ClassVar, Protocol, Sequence, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -191,6 +192,7 @@ class Dialect(Protocol):
     #: check a pooled connection is alive before a write, so that a write
     #: on a dead one fails before anything is sent and can be retried
     probe_before_write: ClassVar[bool]
+    one_writer: ClassVar[bool]
     migrations: ClassVar[tuple[tuple[str, ...], ...]]
 
     def check_path(self, target: str) -> None: ...
@@ -220,6 +222,9 @@ class SQLiteDialect:
     #: the write lock already covers every row
     for_update: ClassVar[str] = ""
     probe_before_write: ClassVar[bool] = False
+    #: one connection does every write: turns waiting for it are committed
+    #: together (see L{Store.commit_turn})
+    one_writer: ClassVar[bool] = True
     migrations: ClassVar[tuple[tuple[str, ...], ...]] = _migrations(
         real="REAL", message_json=f"{_SQLITE_MESSAGE_JSON}(role, content)"
     )
@@ -352,6 +357,7 @@ class PostgresDialect:
     begin_write: ClassVar[str | None] = None
     for_update: ClassVar[str] = " FOR UPDATE"
     probe_before_write: ClassVar[bool] = True
+    one_writer: ClassVar[bool] = False
     migrations: ClassVar[tuple[tuple[str, ...], ...]] = _migrations(
         real="DOUBLE PRECISION",
         message_json="json_build_object('role', role, 'content', content)::text",
@@ -789,6 +795,22 @@ _MESSAGE_COLUMNS = (
 #: What a message's row holds beyond L{_MESSAGE_COLUMNS}: its L{message_json}.
 _WRITTEN_COLUMNS = _MESSAGE_COLUMNS + ", json"
 
+#: A turn's two messages, the prompt and the answer, in one statement.
+_INSERT_TURN = (
+    f"INSERT INTO messages ({_WRITTEN_COLUMNS}) VALUES "
+    + ", ".join(["(" + ", ".join(["?"] * (_WRITTEN_COLUMNS.count(",") + 1)) + ")"] * 2)
+)
+
+
+@frozen
+class _PendingTurn:
+    """A turn waiting for the one writer, and whom to tell how it went."""
+
+    turn: Turn
+    now: float
+    system_tokens: int
+    result: "Deferred[tuple[str, str]]"
+
 #: A conversation's messages, through its index, oldest first (so that a
 #: conversation never branched comes as its branch: see L{_branch}).
 _CONVERSATION_MESSAGES = (
@@ -980,6 +1002,11 @@ class Store:
     #: the conversation locks; None where leases are no-ops (SQLite)
     _locks: _AdvisoryLocks | None = None
     _closed: bool = field(default=False, init=False)
+    #: turns waiting to be committed (appended on the reactor thread,
+    #: taken on the pool's), and those the running commit took
+    _turns: deque[_PendingTurn] = field(factory=deque, init=False)
+    _batch: list[_PendingTurn] = field(factory=list, init=False)
+    _committing: bool = field(default=False, init=False)
 
     # -- opening and closing ------------------------------------------------
 
@@ -1346,14 +1373,84 @@ class Store:
         new (prompt, answer) message ids.  L{NotFound}, storing nothing,
         when C{turn.parent_id} is not a message of the conversation.
         """
-        return self._write(
-            self._commit_turn, turn, now, system_tokens
-        )
+        if not self._dialect.one_writer:
+            return self._write(self._commit_turn, turn, now, system_tokens)
+        result: Deferred[tuple[str, str]] = Deferred()
+        self._turns.append(_PendingTurn(turn, now, system_tokens, result))
+        if not self._committing:
+            self._commit_waiting()
+        return result
+
+    # One writer (SQLite): every turn that waits for it goes into the next
+    # transaction.  Under load that turns a queue of commits, each paying
+    # a hand-over to the pool's thread, a BEGIN and a COMMIT, and the
+    # thread's waits for the GIL at every statement, into one.
+
+    def _commit_waiting(self) -> None:
+        self._committing = True
+        self._run(self._commit_batch).addCallbacks(
+            self._batch_committed, self._batch_failed)
+
+    def _commit_batch(self, txn: Any) -> list[tuple[_PendingTurn, Any]]:
+        """On the pool's thread: the turns waiting now, in one transaction."""
+        batch = self._batch = []
+        while self._turns:
+            batch.append(self._turns.popleft())
+        self._begin_write(txn)
+        outcomes: list[tuple[_PendingTurn, Any]] = []
+        for pending in batch:
+            try:
+                ids: Any = self._add_turn(
+                    txn, pending.turn, pending.now, pending.system_tokens)
+            except (NotFound, ConversationChanged) as e:
+                ids = e  # refused before this turn wrote anything
+            outcomes.append((pending, ids))
+        return outcomes
+
+    def _batch_committed(self, outcomes: list[tuple[_PendingTurn, Any]]) -> None:
+        self._batch = []
+        self._committing = False
+        for pending, outcome in outcomes:
+            if isinstance(outcome, Exception):
+                pending.result.errback(outcome)
+            else:
+                pending.result.callback(outcome)
+        if self._turns:
+            self._commit_waiting()
+
+    def _batch_failed(self, failure: Failure) -> None:
+        """
+        The transaction failed, so none of its turns was stored.  One turn
+        gets the failure; several are committed again one by one, so that
+        each gets its own outcome.  A commit that never ran fails every
+        waiting turn (the store is closed or lost).
+        """
+        batch, self._batch = self._batch, []
+        self._committing = False
+        if not batch:
+            while self._turns:
+                self._turns.popleft().result.errback(failure)
+            return
+        if len(batch) == 1:
+            batch[0].result.errback(failure)
+        else:
+            for pending in batch:
+                self._write(
+                    self._commit_turn, pending.turn, pending.now, pending.system_tokens
+                ).chainDeferred(pending.result)
+        if self._turns:
+            self._commit_waiting()
 
     def _commit_turn(
         self, txn: Any, turn: Turn, now: float, system_tokens: int
     ) -> tuple[str, str]:
         self._begin_write(txn)
+        return self._add_turn(txn, turn, now, system_tokens)
+
+    def _add_turn(
+        self, txn: Any, turn: Turn, now: float, system_tokens: int
+    ) -> tuple[str, str]:
+        """Within a write transaction: C{turn}'s checks, then its rows."""
         cid = turn.conversation_id
         self._execute(
             txn,
@@ -1470,25 +1567,19 @@ class Store:
         self, txn: Any, turn: Turn, parent_id: str | None, now: float
     ) -> tuple[str, str]:
         """Insert the prompt under C{parent_id} and the answer under it."""
-        insert = (
-            f"INSERT INTO messages ({_WRITTEN_COLUMNS})"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-        )
         cid = turn.conversation_id
         prompt_id = self._new_id()
-        self._execute(
-            txn,
-            insert,
-            (prompt_id, cid, parent_id, "user", turn.prompt,
-             turn.prompt_tokens, now, None, None, None, None, None,
-             message_json("user", turn.prompt)),
-        )
         answer_id = self._new_id()
         usage = turn.usage
+        # both rows in one statement: one step of SQLite (and one wait for
+        # the GIL after it) instead of two
         self._execute(
             txn,
-            insert,
-            (answer_id, cid, prompt_id, "assistant", turn.answer,
+            _INSERT_TURN,
+            (prompt_id, cid, parent_id, "user", turn.prompt,
+             turn.prompt_tokens, now, None, None, None, None, None,
+             message_json("user", turn.prompt),
+             answer_id, cid, prompt_id, "assistant", turn.answer,
              turn.answer_tokens, now, turn.model or None, turn.finish_reason,
              usage and usage.prompt_tokens, usage and usage.completion_tokens,
              usage and usage.total_tokens, message_json("assistant", turn.answer)),

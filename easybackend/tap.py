@@ -24,7 +24,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.server import Request, Site
 
 from easybackend.config import SETTINGS, ConfigError, Settings, settings_from
-from easybackend.writethrough import write_through
+from easybackend.writethrough import one_segment, write_through
 
 log = Logger()
 
@@ -197,6 +197,17 @@ class JSONRequest(Request):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._parsePOSTFormSubmission = False
+
+    def write(self, data: bytes) -> None:
+        """
+        The first write sends the response's headers with these bytes, in
+        one segment on our TCP listeners (twisted.web writes them apart).
+        """
+        if self.startedWriting:
+            super().write(data)
+            return
+        with one_segment(getattr(self.channel, "transport", None)):
+            super().write(data)
 
     def _cleanup(self) -> None:
         """

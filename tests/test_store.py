@@ -15,6 +15,7 @@ import json
 import os
 import sqlite3
 import sys
+import threading
 from types import FunctionType
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
@@ -25,7 +26,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 import easybackend
-from easybackend.errors import BadRequest, LockTimeout, NotFound
+from easybackend.errors import BadRequest, ConversationChanged, LockTimeout, NotFound
 from easybackend.model import Turn, TurnContext, Usage
 from easybackend.store import (
     POSTGRES,
@@ -1124,6 +1125,104 @@ class SQLiteCommitTurnTests(CommitTurnTests, SQLiteCase):
         await self.assertFailure(store.commit_turn(turn(), 1.0), sqlite3.IntegrityError)
         self.assertEqual(await self.raw("PRAGMA integrity_check"), [("ok",)])
         self.assertEqual(await self.raw("PRAGMA foreign_key_check"), [])
+
+
+class SQLiteGroupCommitTests(SQLiteCase):
+    """
+    On SQLite one connection does every write: the turns that wait for it
+    are committed together, each with its own outcome.
+    """
+
+    async def busy_writer(self, store: Store) -> tuple[threading.Event, Deferred[Any], list[str]]:
+        """
+        Hold the store's one connection until the returned event is set;
+        the statements it runs from then on are listed.
+        """
+        release = threading.Event()
+        statements: list[str] = []
+        started = threading.Event()
+
+        def hold(txn: Any) -> None:
+            txn._connection._connection.set_trace_callback(statements.append)
+            started.set()
+            release.wait(30)
+
+        held = store._pool.runInteraction(hold)
+        self.addCleanup(release.set)
+        await deferToThread(started.wait, 30)
+        return release, held, statements
+
+    async def test_waiting_turns_share_a_transaction(self) -> None:
+        """
+        When three answers end while the writer is busy, then they are
+        stored in one transaction, each with its own ids.
+        """
+        store = await self.open()
+        release, held, statements = await self.busy_writer(store)
+        commits = [store.commit_turn(turn(f"c{n}", prompt=f"p{n}"), 1.0) for n in range(3)]
+        release.set()
+        await held
+        ids = await gatherResults(commits)
+        self.assertEqual(len({i for pair in ids for i in pair}), 6)
+        self.assertEqual(
+            [s for s in statements if s in ("BEGIN IMMEDIATE", "COMMIT")],
+            ["BEGIN IMMEDIATE", "COMMIT"])
+        for n, (prompt_id, answer_id) in enumerate(ids):
+            conversation = await store.get_conversation(f"c{n}")
+            assert conversation is not None
+            self.assertEqual(conversation.leaf_id, answer_id)
+            prompt = await store.get_message(f"c{n}", prompt_id)
+            assert prompt is not None
+            self.assertEqual(prompt.content, f"p{n}")
+
+    async def test_refused_turn_among_others(self) -> None:
+        """
+        When one of the waiting turns is refused (its conversation changed
+        meanwhile), then it fails with L{ConversationChanged} and stores
+        nothing, and the others are stored.
+        """
+        store = await self.open()
+        _, first = await store.commit_turn(turn("c1"), 1.0)
+        await store.commit_turn(turn("c1", parent_id=first), 2.0)
+        before = await self.raw("SELECT count(*) FROM messages")
+        release, held, _ = await self.busy_writer(store)
+        stale = store.commit_turn(turn("c1", parent_id=first, continues_leaf=True), 3.0)
+        others = [store.commit_turn(turn(cid), 3.0) for cid in ("c2", "c3")]
+        release.set()
+        await held
+        await self.assertFailure(stale, ConversationChanged)
+        await gatherResults(others)
+        self.assertEqual(
+            await self.raw("SELECT count(*) FROM messages"), [(before[0][0] + 4,)])
+        self.assertEqual(
+            await self.raw("SELECT count(*) FROM messages WHERE conversation_id = 'c1'"),
+            [(4,)])
+
+    async def test_failed_transaction_retried_one_by_one(self) -> None:
+        """
+        When a statement of one waiting turn fails, then the shared
+        transaction stores nothing, and each turn is committed again on its
+        own: that turn fails, the others are stored.
+        """
+        ids = iter([
+            "msg_dup", "msg_0",                      # stored first, in c0
+            "msg_a1", "msg_a2", "msg_dup", "msg_b2",  # together, up to the failure
+            "msg_a3", "msg_a4", "msg_dup", "msg_b4", "msg_c3", "msg_c4",  # one by one
+        ])
+        store = await self.open(new_id=lambda: next(ids))
+        await store.commit_turn(turn("c0"), 1.0)
+        release, held, statements = await self.busy_writer(store)
+        commits = [store.commit_turn(turn(cid), 2.0) for cid in ("ca", "cb", "cc")]
+        release.set()
+        await held
+        self.assertEqual(await commits[0], ("msg_a3", "msg_a4"))
+        await self.assertFailure(commits[1], sqlite3.IntegrityError)
+        self.assertEqual(await commits[2], ("msg_c3", "msg_c4"))
+        self.assertIsNone(await store.get_conversation("cb"))
+        self.assertEqual(
+            await self.raw("SELECT id FROM messages ORDER BY id"),
+            [("msg_0",), ("msg_a3",), ("msg_a4",), ("msg_c3",), ("msg_c4",), ("msg_dup",)])
+        self.assertEqual(statements.count("BEGIN IMMEDIATE"), 4)
 
 
 class PostgresCommitTurnTests(CommitTurnTests, PostgresCase):

@@ -20,7 +20,10 @@ from twisted.internet.endpoints import (
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 
+from easybackend.tap import QuietSite
 from easybackend.writethrough import WriteThroughTCPEndpoint, write_through
 
 
@@ -117,6 +120,92 @@ class WriteThroughTests(TestCase):
             server.transport.write("text")  # type: ignore[arg-type]
         with self.assertRaises(TypeError):
             server.transport.writeSequence(["text"])  # type: ignore[list-item]
+
+
+    async def test_held_writes_go_together(self) -> None:
+        """
+        When a connection writes within C{held()}, then nothing reaches the
+        peer until the block ends, and then every byte does, in order.
+        """
+        server, client = await self.connect()
+        with server.transport.held():
+            server.transport.write(b"HTTP/1.1 200 OK\r\n\r\n")
+            server.transport.writeSequence([b"first", b" piece"])
+            self.assertFalse(_readable(client, 0), "a held write was sent")
+        self.assertTrue(_readable(client), "the held writes were not sent at the end")
+        self.assertEqual(client.recv(100), b"HTTP/1.1 200 OK\r\n\r\nfirst piece")
+
+    async def test_close_within_held(self) -> None:
+        """
+        When a connection is closed within C{held()}, then what was held
+        is sent before the close.
+        """
+        server, client = await self.connect()
+        with server.transport.held():
+            server.transport.write(b"last words")
+            server.transport.loseConnection()
+        got = await deferToThread(_read_all, client, len(b"last words"))
+        self.assertEqual(got, b"last words")
+        client.settimeout(10)
+        # in a thread: the reactor turns to close the connection
+        self.assertEqual(await deferToThread(client.recv, 10), b"", "no close after the bytes")
+
+
+class _Sends:
+    """A socket that lists what each C{send} sent."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self.sent: list[bytes] = []
+
+    def send(self, data: bytes) -> int:
+        n = self._sock.send(data)
+        self.sent.append(bytes(data[:n]))
+        return n
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+class _FirstPiece(Resource):
+    isLeaf = True
+
+    def render_GET(self, request: Any) -> Any:
+        request.setHeader(b"content-type", b"text/event-stream")
+        request.write(b"data: first piece\n\n")
+        return NOT_DONE_YET
+
+
+class ResponseStartTests(TestCase):
+    """EasyBackend's HTTP site over a write-through listener."""
+
+    async def test_headers_and_first_bytes_in_one_send(self) -> None:
+        """
+        When a response starts (a stream's first event, a JSON answer),
+        then its headers and its first bytes leave in one C{send}: one
+        segment, one wake-up of the client, instead of two.
+        """
+        made: Deferred[Any] = Deferred()
+
+        class Site(QuietSite):
+            def buildProtocol(self, addr: Any) -> Any:
+                channel = super().buildProtocol(addr)
+                reactor.callLater(0, made.callback, getattr(channel, "_channel", channel))
+                return channel
+
+        port = await WriteThroughTCPEndpoint(reactor, 0, 50, "127.0.0.1").listen(
+            Site(_FirstPiece()))
+        self.addCleanup(port.stopListening)
+        client = socket.create_connection(("127.0.0.1", port.getHost().port))
+        self.addCleanup(client.close)
+        channel = await made
+        self.addCleanup(channel.transport.abortConnection)
+        sends = channel.transport.socket = _Sends(channel.transport.socket)
+        client.sendall(b"GET /events HTTP/1.1\r\nHost: test\r\n\r\n")
+        await deferToThread(_readable, client, 10)
+        self.assertEqual(len(sends.sent), 1, sends.sent)
+        self.assertTrue(sends.sent[0].startswith(b"HTTP/1.1 200 OK\r\n"))
+        self.assertIn(b"data: first piece", sends.sent[0])
 
 
 class EndpointTests(SynchronousTestCase):
