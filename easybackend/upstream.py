@@ -20,6 +20,7 @@ from http.cookiejar import CookieJar
 from typing import Any, Callable
 
 from hyperlink import EncodedURL
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import (
@@ -199,6 +200,22 @@ class _Connection(HTTP11ClientProtocol):
     pause that every answer in flight waits through, and that this garbage
     made two to three times longer under load.
     """
+
+    def request(self, request: Any) -> "Deferred[Any]":
+        """
+        Send the request now, not at the reactor's next turn: Twisted's TCP
+        transport keeps a write until then (see L{easybackend.writethrough}),
+        so every answer's first piece waited for one more turn of the loop,
+        a long one under load.  The headers and the body, written apart,
+        still leave in one C{send}.
+        """
+        d = super().request(request)
+        transport = self.transport
+        if type(transport) is tcp.Client and transport.connected and not transport.disconnecting:
+            # An error here is met again, and handled, at the reactor's own
+            # write on its next turn: the socket stays registered for it.
+            transport.doWrite()
+        return d
 
     def _disconnectParser(self, reason: Failure) -> None:
         parser = self._parser

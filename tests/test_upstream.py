@@ -991,6 +991,25 @@ class LoopbackTests(TestCase):
         await _wait(upstream.stream_chat(REQUEST, lambda piece: None))
         self.assertEqual([r.connection for r in self.fake.requests], [1, 1])
 
+    async def test_request_sent_at_once(self) -> None:
+        """
+        When an answer is asked on a pooled connection, then the request
+        (its headers and its body) is sent before the reactor turns again,
+        not left in the transport's buffer for its next turn.
+        """
+        upstream = await self.upstream()
+        await _wait(upstream.stream_chat(REQUEST, lambda piece: None))
+        [connections] = upstream._pool._connections.values()
+        [connection] = connections
+        transport = connection.transport
+        answer = upstream.stream_chat(REQUEST, lambda piece: None)
+        self.assertIs(connection.transport, transport, "not the pooled connection")
+        self.assertEqual(
+            (transport.dataBuffer[transport.offset:], transport._tempDataBuffer), (b"", []),
+            "the request waits for the reactor")
+        await _wait(answer)
+        self.assertEqual([r.connection for r in self.fake.requests], [1, 1])
+
     async def test_finished_answer_left_to_refcounts(self) -> None:
         """
         When an answer has streamed, then nothing of its HTTP response waits
