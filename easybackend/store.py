@@ -811,6 +811,7 @@ class _PendingTurn:
     system_tokens: int
     result: "Deferred[tuple[str, str]]"
 
+
 #: A conversation's messages, through its index, oldest first (so that a
 #: conversation never branched comes as its branch: see L{_branch}).
 _CONVERSATION_MESSAGES = (
@@ -1389,7 +1390,7 @@ class Store:
     def _commit_waiting(self) -> None:
         self._committing = True
         self._run(self._commit_batch).addCallbacks(
-            self._batch_committed, self._batch_failed)
+            self._batch_committed, self._batch_failed).addBoth(self._batch_ended)
 
     def _commit_batch(self, txn: Any) -> list[tuple[_PendingTurn, Any]]:
         """On the pool's thread: the turns waiting now, in one transaction."""
@@ -1408,15 +1409,11 @@ class Store:
         return outcomes
 
     def _batch_committed(self, outcomes: list[tuple[_PendingTurn, Any]]) -> None:
-        self._batch = []
-        self._committing = False
         for pending, outcome in outcomes:
             if isinstance(outcome, Exception):
                 pending.result.errback(outcome)
             else:
                 pending.result.callback(outcome)
-        if self._turns:
-            self._commit_waiting()
 
     def _batch_failed(self, failure: Failure) -> None:
         """
@@ -1425,19 +1422,22 @@ class Store:
         each gets its own outcome.  A commit that never ran fails every
         waiting turn (the store is closed or lost).
         """
-        batch, self._batch = self._batch, []
-        self._committing = False
+        batch = self._batch
         if not batch:
             while self._turns:
                 self._turns.popleft().result.errback(failure)
-            return
-        if len(batch) == 1:
+        elif len(batch) == 1:
             batch[0].result.errback(failure)
         else:
             for pending in batch:
                 self._write(
                     self._commit_turn, pending.turn, pending.now, pending.system_tokens
                 ).chainDeferred(pending.result)
+
+    def _batch_ended(self, _: object) -> None:
+        """The next commit takes the turns that came meanwhile."""
+        self._batch = []
+        self._committing = False
         if self._turns:
             self._commit_waiting()
 
