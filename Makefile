@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TRIAL := $(PY) -m twisted.trial
 TESTS ?= tests
 
-.PHONY: run test venv proto bench bench-replicas browser postgres clean
+.PHONY: run test venv proto bench bench-replicas bench-grpc-floor browser postgres clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -72,6 +72,11 @@ bench: $(BENCH_STAMP)
 # (docs/benchmarks-replicas.md).
 bench-replicas: $(BENCH_STAMP) postgres
 	$(PY) -m bench.replicas $(ARGS)
+
+# What grpcio's threaded server alone costs per streamed answer, beside the
+# fake upstream (bench/analysis.md), about a minute.
+bench-grpc-floor: $(BENCH_STAMP)
+	$(PY) -m bench.grpc_floor $(ARGS)
 
 proto: $(STAMP)
 	$(PY) -m easybackend.proto.generate
