@@ -23,14 +23,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from typing import Any, Awaitable, Callable
 
-from bench.procs import cpu_seconds, start_fake
+from bench.procs import Proc, context_switches, cpu_seconds, start_fake
 
 _SERVICE = "floor.Floor"
 _METHOD = "Stream"
@@ -56,20 +56,6 @@ def serve(pieces: int, interval: float, workers: int) -> None:
     server.start()
     print(port, flush=True)
     server.wait_for_termination()
-
-
-def context_switches(pid: int) -> int:
-    """Voluntary and involuntary context switches of all of C{pid}'s threads."""
-    total = 0
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/status") as f:
-                for line in f:
-                    if "ctxt_switches:" in line:
-                        total += int(line.split()[-1])
-        except OSError:
-            pass
-    return total
 
 
 async def measure(ask: Callable[[int], Awaitable[None]], pid: int, concurrency: int,
@@ -151,25 +137,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="give up after this many seconds")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    workers = args.concurrency + 10
     if args.serve:
-        serve(args.pieces, args.interval, workers)
+        serve(args.pieces, args.interval, workers=args.concurrency + 10)
         return 0
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    child = subprocess.Popen(
-        [sys.executable, "-m", "bench.grpc_floor", "--serve", "--pieces", str(args.pieces),
-         "--interval", repr(args.interval), "--concurrency", str(args.concurrency)],
-        stdout=subprocess.PIPE, cwd=root)
     logs = tempfile.mkdtemp(prefix="easybackend-grpc-floor-")
+    server = Proc("grpcio", [
+        sys.executable, "-m", "bench.grpc_floor", "--serve", "--pieces", str(args.pieces),
+        "--interval", repr(args.interval), "--concurrency", str(args.concurrency),
+    ], os.path.join(logs, "grpcio.log"))
     fake = None
     try:
-        assert child.stdout is not None
-        port = int(child.stdout.readline())
+        port = int(server.wait_for(re.compile(rb"^(\d+)\s*$", re.M), 30).group(1))
         fake, fake_port = start_fake(logs, "fake", args.pieces, args.interval)
-        results = asyncio.run(compare(args, port, child.pid, fake_port, fake.popen.pid))
+        results = asyncio.run(compare(args, port, server.pid, fake_port, fake.pid))
     finally:
-        child.kill()
-        child.wait(10)
+        server.stop()
         if fake is not None:
             fake.stop()
         shutil.rmtree(logs, ignore_errors=True)
